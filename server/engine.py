@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from server.introspection import IntrospectionHeads
 
 
 class EngineDeadError(RuntimeError):
@@ -82,6 +85,9 @@ class Engine(Protocol):
 
     model_name: str
     max_model_len: int
+    # The model's introspective reward/cost heads, or None. An engine serving a model with heads masks their
+    # rows from sampling on every request, whatever the request's own logit_bias says.
+    introspection: IntrospectionHeads | None
 
     async def generate(
         self,

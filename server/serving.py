@@ -217,7 +217,7 @@ class CompletionService:
         self.journal = journal
         self.metrics = metrics
         self.unavailable_verifiers = {
-            name: reason for name, verifier in verifiers.items() if (reason := verifier.unavailable_reason())
+            name: reason for name, verifier in verifiers.items() if (reason := verifier.unavailable_reason(engine))
         }
         # What option validation needs to know of the verifiers: fixed for the server's life, built once.
         self._verifier_context = {
@@ -311,6 +311,9 @@ class CompletionService:
             repetition_penalty=body.repetition_penalty,
             stop=body.stop_list(),
             logit_bias=parse_logit_bias(body.logit_bias, self.renderer.vocab_size),
+            # With heads, every sample carries their joint at every token (same forward pass, no extra cost):
+            # the introspection verifier, the adaptive strategy and the trace read it.
+            logprob_token_ids=self.engine.introspection.token_ids if self.engine.introspection else (),
         )
         trace_id = new_trace_id()
         request_id = request.headers.get("x-request-id") or trace_id
@@ -332,6 +335,7 @@ class CompletionService:
             "max_samples": self.settings.max_samples_per_request,
             "has_reference": prompt.reference is not None,
             "has_tests": bool(prompt.tests),
+            "has_introspection": self.engine.introspection is not None,
         }
 
     async def _serve(
@@ -506,6 +510,7 @@ def trace_record(
                     "index": c.index,
                     "text": c.text,
                     "num_tokens": c.generation.num_tokens,
+                    "token_ids": list(c.generation.token_ids),
                     "finish_reason": c.generation.finish_reason,
                     "cumulative_logprob": c.generation.cumulative_logprob,
                     "answer": c.answer if c.answer is not None else extract_answer(c.text),

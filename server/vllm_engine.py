@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from server.engine import EngineDeadError, Generation, GenerationDelta, SamplingOptions
+from server.introspection import MASK_BIAS, IntrospectionHeads
 
 if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -20,10 +21,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def to_sampling_params(options: SamplingOptions, n: int, output_kind: RequestOutputKind) -> SamplingParams:
+def to_sampling_params(
+    options: SamplingOptions, n: int, output_kind: RequestOutputKind, masked_ids: Sequence[int] = ()
+) -> SamplingParams:
     """The one place request options become vLLM `SamplingParams`. No `seed`: on the CPU backend a per-request
-    seed can kill the engine core ("CPU Generator does not use offset"), so it never reaches vLLM."""
+    seed can kill the engine core ("CPU Generator does not use offset"), so it never reaches vLLM.
+
+    `masked_ids` (the introspection rows) get the most negative bias vLLM takes, over anything the request
+    asked. vLLM reports log-probs from the logits before any bias, so reading those rows is unaffected."""
     from vllm.sampling_params import SamplingParams
+
+    logit_bias = dict(options.logit_bias) | dict.fromkeys(masked_ids, MASK_BIAS)
 
     return SamplingParams(
         n=n,
@@ -38,7 +46,7 @@ def to_sampling_params(options: SamplingOptions, n: int, output_kind: RequestOut
         stop=list(options.stop) or None,
         stop_token_ids=list(options.stop_token_ids) or None,
         include_stop_str_in_output=options.include_stop_str_in_output,
-        logit_bias=dict(options.logit_bias) or None,
+        logit_bias=logit_bias or None,
         logprob_token_ids=list(options.logprob_token_ids) or None,
         # The sampled token's log-prob is always returned (enough for cumulative_logprob); vLLM wants
         # `logprobs` to equal the number of tracked ids when there are some.
@@ -100,19 +108,26 @@ def summed_logprob(output: CompletionOutput) -> float:
 class VllmEngine:
     """Owns one AsyncLLM. Build it with `VllmEngine.start(engine_args)` inside a running event loop."""
 
-    def __init__(self, llm: object, model_name: str, max_model_len: int) -> None:
+    def __init__(
+        self, llm: object, model_name: str, max_model_len: int, introspection: IntrospectionHeads | None = None
+    ) -> None:
         self._llm = llm
         self.model_name = model_name
         self.max_model_len = max_model_len
+        self.introspection = introspection
+        self._masked_ids = introspection.token_ids if introspection else ()
 
     @classmethod
     def start(cls, engine_args: AsyncEngineArgs) -> VllmEngine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        introspection = IntrospectionHeads.load(engine_args.model)
+        if introspection is not None and (engine_args.max_logprobs or 0) < introspection.size:
+            engine_args.max_logprobs = introspection.size  # every head row's log-prob at every token
         llm = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
         model_config = llm.model_config
-        return cls(llm, model_name=model_config.served_model_name, max_model_len=model_config.max_model_len)
+        return cls(llm, model_config.served_model_name, model_config.max_model_len, introspection)
 
     async def generate(
         self,
@@ -125,7 +140,7 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         # Deltas rather than one final output: the caller hears of every token, even of a call it cancels.
-        params = to_sampling_params(options, n, RequestOutputKind.DELTA)
+        params = to_sampling_params(options, n, RequestOutputKind.DELTA, self._masked_ids)
         samples = [SampleAccumulator() for _ in range(n)]
         async for out in self._iterate(prompt_ids, params, request_id):
             for output in out.outputs:
@@ -139,7 +154,7 @@ class VllmEngine:
     ) -> AsyncIterator[list[GenerationDelta]]:
         from vllm.sampling_params import RequestOutputKind
 
-        params = to_sampling_params(options, n, RequestOutputKind.DELTA)
+        params = to_sampling_params(options, n, RequestOutputKind.DELTA, self._masked_ids)
         async for out in self._iterate(prompt_ids, params, request_id):
             yield [
                 GenerationDelta(o.index, o.text, tuple(o.token_ids), summed_logprob(o), o.finish_reason)

@@ -94,6 +94,9 @@ class DeadlineExceeded(BudgetExceeded):
 
 
 DeltaSink = Callable[[GenerationDelta], Awaitable[None]]
+# Engine calls whose samples count against Budget.max_samples. Others ("continue" a sample, "judge", "probe")
+# still count every token they generate.
+NEW_SAMPLE_KINDS = frozenset({"sample", "stream", "branch"})
 
 
 @dataclass
@@ -125,7 +128,7 @@ class StrategyContext:
         return f"{self.request_id}-{kind}-{self._call_counter}"
 
     def _reserve(self, n: int, kind: str) -> None:
-        if kind == "sample" or kind == "stream":
+        if kind in NEW_SAMPLE_KINDS:
             if self.samples_drawn + n > self.budget.max_samples:
                 total, cap = self.samples_drawn + n, self.budget.max_samples
                 raise BudgetExceeded(f"{n} more samples would make {total}, over the budget of {cap}")

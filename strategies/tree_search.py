@@ -112,13 +112,16 @@ class Node:
     expanded: bool = False
     rollout: bool = False  # an MCTS rollout's finished answer, grafted onto the node it started from
     children: list[int] = field(default_factory=list)
+    # Tracked log-probs (introspection heads) at the last token of this node's step: its value at no extra pass.
+    last_tracked: tuple[dict[int, float], ...] = ()
 
     @property
     def terminal(self) -> bool:
         return self.finish_reason is not None
 
     def generation(self) -> Generation:
-        return Generation(self.solution, self.solution_ids, self.finish_reason or "length", self.logprob)
+        reason = self.finish_reason or "length"
+        return Generation(self.solution, self.solution_ids, reason, self.logprob, tracked_logprobs=self.last_tracked)
 
 
 def step_options(
@@ -199,7 +202,9 @@ class Tree:
         finish = step_finish(step, self.options.step_delimiter, final, tokens_left)
         text = strip_stop(step.text, self.ctx.sampling.stop) if finish == "stop" and not final else step.text
         ids, logprob = node.solution_ids + step.token_ids, node.logprob + step.cumulative_logprob
-        return Node(text, node.solution + text, ids, logprob, finish, depth=node.depth + 1)
+        node = Node(text, node.solution + text, ids, logprob, finish, depth=node.depth + 1)
+        node.last_tracked = step.tracked_logprobs[-1:]
+        return node
 
     async def value(self, nodes: Sequence[Node]) -> None:
         """Each node's value: the verifier's score of its (partial) solution."""

@@ -13,7 +13,10 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from server.engine import EngineDeadError, Generation, GenerationDelta, SamplingOptions
+from server.introspection import IntrospectionHeads
 
 # ----------------------------------------------------------------------------------------------- tokenizer
 VOCAB_SIZE = 256
@@ -67,6 +70,43 @@ def judge_generation(p_yes: float) -> Generation:
     return Generation("Yes", (YES_ID,), "length", tracked[YES_ID], tracked_logprobs=(tracked,))
 
 
+# ----------------------------------------------------------------------------------------------- heads
+TOY_HEADS = IntrospectionHeads(first_token_id=VOCAB_SIZE, reward_bins=4, length_edges=(0, 4, 16, math.inf))
+# (text the sample continues, text so far including this position's token, tokens the sample has in all,
+# position) -> the (R, L) joint the heads predict there
+JointScript = Callable[[str, str, int, int], np.ndarray]
+
+
+def toy_joint(prefix: str, text: str, total: int, position: int) -> np.ndarray:
+    """The fake's default heads: sure of reward 1 once this generation has written "42" (else 0.25 each bin),
+    exact about the remaining length of the generation it is part of."""
+    heads = TOY_HEADS
+    reward = np.zeros(heads.reward_bins)
+    if "42" in text:
+        reward[-1] = 1.0
+    else:
+        reward[:] = 1.0 / heads.reward_bins
+    length = np.zeros(heads.length_bins)
+    length[heads.length_bin(total - position)] = 1.0
+    return np.outer(reward, length)
+
+
+def joint_logprobs(heads: IntrospectionHeads, joint: np.ndarray) -> dict[int, float]:
+    """What vLLM would report for the head rows at one position if their softmax were `joint`."""
+    flat = np.clip(joint.reshape(-1), 1e-9, None)
+    return {t: float(v) for t, v in zip(heads.token_ids, np.log(flat / flat.sum()) - 30.0)}  # -30: rest of vocab
+
+
+def with_introspection(generation: Generation, heads: IntrospectionHeads, script: JointScript, prefix: str):
+    from dataclasses import replace
+
+    ids, total = generation.token_ids, generation.num_tokens
+    tracked = tuple(
+        joint_logprobs(heads, script(prefix, _RENDERER.decode(ids[: j + 1]), total, j)) for j in range(total)
+    )
+    return replace(generation, tracked_logprobs=tracked)
+
+
 # ----------------------------------------------------------------------------------------------- engine
 Script = Callable[[tuple[int, ...], SamplingOptions, int, str], Sequence["str | Generation"]]
 
@@ -83,9 +123,11 @@ class EngineCallRecord:
     def prompt_text(self) -> str:
         return _RENDERER.decode(self.prompt_ids)
 
+    introspective: bool = False  # it tracked the introspection heads (every sample on a model with heads does)
+
     @property
     def is_judge(self) -> bool:
-        return bool(self.options and self.options.logprob_token_ids)
+        return bool(self.options and self.options.logprob_token_ids) and not self.introspective
 
 
 class ScriptedEngine:
@@ -114,8 +156,12 @@ class ScriptedEngine:
         dead: bool = False,
         pieces_per_stream: int = 3,
         finish_alone: bool = False,
+        introspection: IntrospectionHeads | None = None,
+        introspect: JointScript | None = None,
     ) -> None:
         self.texts = list(texts)
+        self.introspection = introspection
+        self.introspect = introspect or toy_joint
         self.script = script
         self.judge = judge
         self.model_name = model_name
@@ -203,7 +249,9 @@ class ScriptedEngine:
         self, method: str, prompt_ids: Sequence[int], options: SamplingOptions, n: int, request_id: str
     ) -> list[Generation]:
         self._check_alive()
-        record = EngineCallRecord(method, tuple(prompt_ids), options, n, request_id)
+        heads = self.introspection
+        introspective = heads is not None and set(heads.token_ids) <= set(options.logprob_token_ids)
+        record = EngineCallRecord(method, tuple(prompt_ids), options, n, request_id, introspective)
         self.calls.append(record)
         if len(prompt_ids) + options.max_tokens > self.max_model_len:
             raise ValueError(
@@ -220,7 +268,11 @@ class ScriptedEngine:
             answers = [self.texts[(self._drawn + i) % len(self.texts)] for i in range(n)]
             self._drawn += n
         generations = [a if isinstance(a, Generation) else make_generation(a) for a in answers]
-        return [truncate(g, options.max_tokens) for g in generations]
+        generations = [truncate(g, options.max_tokens) for g in generations]
+        if introspective:
+            prefix = _RENDERER.decode(prompt_ids)
+            generations = [with_introspection(g, heads, self.introspect, prefix) for g in generations]
+        return generations
 
 
 def truncate(generation: Generation, max_tokens: int) -> Generation:

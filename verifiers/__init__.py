@@ -4,6 +4,7 @@ from verifiers import (  # noqa: F401  (registration)
     answer_agreement,
     checklist,
     code_tests,
+    introspection,
     logprob,
     reference,
     reward_model,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
-    from server.engine import Generation
+    from server.engine import Engine, Generation
     from strategies.base import Prompt, StrategyContext
 
 
@@ -33,9 +33,9 @@ class Verifier(ABC):
     async def score(self, ctx: StrategyContext, prompt: Prompt, generations: Sequence[Generation]) -> list[float]:
         """One score in [0, 1] per generation, in order."""
 
-    def unavailable_reason(self) -> str | None:
-        """Why this verifier cannot run on this server (say, no model configured), or None: a request naming
-        it then gets a 400 before anything is sampled."""
+    def unavailable_reason(self, engine: Engine) -> str | None:
+        """Why this verifier cannot run on this server (say, no model configured, or a model without the heads
+        it reads), or None: a request naming it then gets a 400 before anything is sampled."""
         return None
 
     async def verdicts(self, ctx: StrategyContext, prompt: Prompt, generations: Sequence[Generation]) -> list[Verdict]:

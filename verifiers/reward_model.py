@@ -25,7 +25,7 @@ import os
 import threading
 from collections.abc import Sequence
 
-from server.engine import Generation
+from server.engine import Engine, Generation
 from strategies.base import Prompt, StrategyContext
 from verifiers.base import Verifier, register_verifier
 
@@ -113,7 +113,7 @@ class RewardModel(Verifier):
         self._loaded: _Loaded | None = None
         self._load_lock = threading.Lock()
 
-    def unavailable_reason(self) -> str | None:
+    def unavailable_reason(self, engine: Engine) -> str | None:
         if self.path is None:
             return f"the reward_model verifier has no model: start the server with {MODEL_ENV} set"
         if not os.path.isdir(self.path):
