@@ -17,7 +17,14 @@ from pydantic import ValidationError
 from server.errors import invalid_request
 from strategies.base import STRATEGIES, Strategy, StrategyOptions
 
-# Until the adaptive strategy lands, effort maps to self-consistency of growing width.
+# On a model with introspection heads, effort is the adaptive strategy's price of compute and its caps; on one
+# without, self-consistency of growing width.
+ADAPTIVE_EFFORT_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "minimal": ("single", {}),
+    "low": ("adaptive", {"beta": 1.0, "k0": 1, "max_samples": 4}),
+    "medium": ("adaptive", {"beta": 0.3, "k0": 2, "max_samples": 8}),
+    "high": ("adaptive", {"beta": 0.1, "k0": 4, "max_samples": 16}),
+}
 REASONING_EFFORT_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "minimal": ("single", {}),
     "low": ("single", {}),
@@ -70,6 +77,7 @@ def requested_strategy(
     body_strategy: str | Mapping[str, Any] | None,
     reasoning_effort: str | None,
     default_name: str,
+    effort_presets: Mapping[str, tuple[str, dict[str, Any]]] = REASONING_EFFORT_PRESETS,
 ) -> tuple[str, dict[str, Any], str]:
     """(name, raw options, source) before validation."""
     if header_name:
@@ -80,7 +88,7 @@ def requested_strategy(
         name, options = split_body_strategy(body_strategy)
         return name, options, "body"
     if reasoning_effort is not None:
-        name, options = REASONING_EFFORT_PRESETS[reasoning_effort]
+        name, options = effort_presets[reasoning_effort]
         return name, dict(options), "reasoning_effort"
     return default_name, {}, "default"
 
@@ -111,9 +119,14 @@ def choose_strategy(
     strategies: Mapping[str, Strategy],
     validation_context: Mapping[str, Any],
 ) -> StrategyChoice:
-    name, raw, source = requested_strategy(header_name, header_options, body_strategy, reasoning_effort, default_name)
-    if source == "reasoning_effort" and "n" in raw and "max_samples" in validation_context:
-        raw["n"] = min(raw["n"], validation_context["max_samples"])  # a preset must not trip the server's own cap
+    presets = ADAPTIVE_EFFORT_PRESETS if validation_context.get("has_introspection") else REASONING_EFFORT_PRESETS
+    name, raw, source = requested_strategy(
+        header_name, header_options, body_strategy, reasoning_effort, default_name, presets
+    )
+    if source == "reasoning_effort" and "max_samples" in validation_context:
+        for key in ("n", "max_samples"):  # a preset must not trip the server's own cap
+            if key in raw:
+                raw[key] = min(raw[key], validation_context["max_samples"])
     strategy = strategies.get(name)
     if strategy is None:
         raise invalid_request(
