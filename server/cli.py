@@ -16,13 +16,14 @@ from server.settings import ServerSettings
 
 logger = logging.getLogger("ponder")
 
-USAGE = """usage: ponder {serve,pull,eval,distill,loop} ...
+USAGE = """usage: ponder {serve,pull,eval,distill,loop,heads} ...
 
   serve    start the OpenAI-compatible server (ponder serve --help)
   pull     materialize an embedded model into the cache (ponder pull --help)
   eval     run the evaluation harness against a running server (ponder eval --help)
   distill  fine-tune a model on selected traces (ponder distill --help)
   loop     N rounds of bootstrap -> distill -> evaluate, end to end (ponder loop --help)
+  heads    bootstrap traces and train the introspection heads (ponder heads --help)
 """
 
 CPU_KV_CACHE_BYTES = 2 * 2**30  # the CPU engine would otherwise reserve a fraction of all RAM
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         from training.distill import cli as distill_cli
 
         return distill_cli(rest)
+    if command == "heads":
+        from training.heads import main as heads_main
+
+        return heads_main(rest)
     if command == "loop":
         from training.loop import main as loop_main
 

@@ -11,6 +11,7 @@ import pytest
 from server.engine import Engine, EngineDeadError, Generation, GenerationDelta, SamplingOptions
 from strategies import STRATEGIES
 from strategies.base import (
+    NEW_SAMPLE_KINDS,
     Budget,
     BudgetExceeded,
     DeadlineExceeded,
@@ -24,7 +25,7 @@ from strategies.best_of_n import BestOfN, BestOfNOptions
 from strategies.options import DEFAULT_SEARCH_TEMPERATURE
 from strategies.self_consistency import SelfConsistency, SelfConsistencyOptions, majority_choice
 from strategies.single import Single
-from tests.fakes import CharRenderer, ScriptedEngine, make_generation
+from tests.fakes import TOY_HEADS, CharRenderer, ScriptedEngine, make_generation
 from verifiers import VERIFIERS, build_verifiers
 from verifiers.base import Verifier
 
@@ -134,9 +135,10 @@ async def test_every_strategy_keeps_the_contract(name, option_values, streaming)
     request_n = 2 if strategy.returns_every_sample else 1
     planned = strategy.planned_samples(options, request_n)
     texts = ["The answer is 42.", "I think it is 41", "#### 42", "", "42, surely"]
-    engine = ScriptedEngine(texts, judge=0.7)
+    engine = ScriptedEngine(texts, judge=0.7, introspection=TOY_HEADS)  # a model with heads, as the server has
     collector = DeltaCollector()
-    ctx = make_ctx(engine, max_samples=planned, on_delta=collector if streaming else None)
+    sampling = SamplingOptions(max_tokens=64, temperature=0.7, logprob_token_ids=TOY_HEADS.token_ids)
+    ctx = make_ctx(engine, max_samples=planned, sampling=sampling, on_delta=collector if streaming else None)
 
     result = await strategy.run(ctx, make_prompt(reference="42"), options)
 
@@ -153,7 +155,7 @@ async def test_every_strategy_keeps_the_contract(name, option_values, streaming)
     assert ctx.generated_tokens == engine.generated_tokens
     assert ctx.generated_tokens == sum(c.generated_tokens for c in ctx.calls)
     # within the budget
-    sampled = sum(c.n for c in engine.calls if not c.is_judge)
+    sampled = sum(c.n for c in ctx.calls if c.kind in NEW_SAMPLE_KINDS)  # continuing a sample is not a new one
     assert ctx.samples_drawn == sampled <= planned
     assert all(c.options.max_tokens <= ctx.budget.max_tokens for c in engine.calls)
     # engine request ids are unique and name the request
@@ -172,15 +174,16 @@ async def test_every_strategy_stays_inside_a_budget_smaller_than_its_plan(name):
     strategy = STRATEGIES[name]()
     options = strategy.Options()
     budget = strategy.planned_samples(options, 3) - 1
-    engine = ScriptedEngine(judge=0.5)
-    ctx = make_ctx(engine, max_samples=budget)
+    engine = ScriptedEngine(judge=0.5, introspection=TOY_HEADS)
+    sampling = SamplingOptions(max_tokens=64, temperature=0.7, logprob_token_ids=TOY_HEADS.token_ids)
+    ctx = make_ctx(engine, max_samples=budget, sampling=sampling)
     try:
         result = await strategy.run(ctx, make_prompt(), options)
     except BudgetExceeded as exc:  # refused by ctx.sample, never overspent
         assert f"over the budget of {budget}" in str(exc)
     else:
         assert result.chosen and all(0 <= i < len(result.candidates) for i in result.chosen)
-    assert sum(c.n for c in engine.calls if not c.is_judge) == ctx.samples_drawn <= budget
+    assert sum(c.n for c in ctx.calls if c.kind in NEW_SAMPLE_KINDS) == ctx.samples_drawn <= budget
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 
 from server.engine import Generation, SamplingOptions
 from strategies.base import Budget, Prompt, StrategyContext
-from tests.fakes import NO_ID, YES_ID, CharRenderer, ScriptedEngine, make_generation
+from tests.fakes import NO_ID, TOY_HEADS, YES_ID, CharRenderer, ScriptedEngine, make_generation
 from verifiers import VERIFIERS, build_verifiers
 from verifiers.answer_agreement import agreement_scores
 from verifiers.reference import reference_scores
@@ -70,7 +70,8 @@ CONTRACT_GENERATIONS = [
 @pytest.mark.parametrize("name", sorted(set(VERIFIERS) - {"code_tests", "reward_model", "checklist"}))
 async def test_every_verifier_gives_one_score_in_0_1_per_candidate(name):
     engine = ScriptedEngine(
-        judge=judge_by_answer({"The answer is 42.": 0.9, "I get 41": 0.2, "": 0.5, "#### 42": 1.0, "x" * 50: 0.0})
+        judge=judge_by_answer({"The answer is 42.": 0.9, "I get 41": 0.2, "": 0.5, "#### 42": 1.0, "x" * 50: 0.0}),
+        introspection=TOY_HEADS,  # for the introspection verifier; the others ignore it
     )
     ctx = make_ctx(engine)
     verifier = VERIFIERS[name]()
