@@ -7,7 +7,8 @@ At every token the model's heads predict the joint of (final reward, tokens left
     2. every K tokens read each sample's joint; for a set S of samples the utility is
            U(S) = E[max reward over S] - beta * (alpha * tokens_norm + (1 - alpha) * latency_norm)
        with E[max] from order statistics of the predicted reward marginals, tokens = the expected tokens still to
-       generate, latency = the expected longest remaining sample
+       generate and latency = the expected longest remaining sample, both in units of max_tokens (one full-length
+       sample), so beta is the expected reward a full sample's worth of compute must buy
     3. compare the sets the meta-actions lead to: stop (answer from the finished samples), continue all, prune
        one sample, branch a promising prefix into more samples (prefix cache), start a new sample; take the best
        until none beats continuing or stopping
@@ -312,7 +313,7 @@ class AdaptiveRun:
             outlooks = [self.outlook(p) for p in live]
             prior = Outlook.of(self.heads, self.prior_joint(), self.max_tokens, finished=False)
             action, utilities = choose_action(
-                outlooks, prior, self.heads, self.options, self.samples_left(), self.token_cap, self.max_tokens
+                outlooks, prior, self.heads, self.options, self.samples_left(), self.max_tokens, self.max_tokens
             )
             self.log_decision(live, outlooks, utilities, action)
             kind, i = action

@@ -262,3 +262,18 @@ def test_auroc_and_ece_on_known_cases():
     assert auroc([0.3, 0.4], [True, True]) is None
     assert expected_calibration_error([0.25, 0.25, 0.25, 0.25], [0, 0, 0, 1]) == pytest.approx(0.0)
     assert expected_calibration_error([0.9, 0.9], [0, 0]) == pytest.approx(0.9)
+
+
+# ----------------------------------------------------------------------------------------------- engine masking
+def test_head_rows_are_masked_over_any_requested_bias_and_still_read():
+    from vllm.sampling_params import RequestOutputKind
+
+    from server.vllm_engine import to_sampling_params
+
+    heads = IntrospectionHeads(100, 2, (0, 8, math.inf))
+    options = SamplingOptions(max_tokens=8, logit_bias=((5, 3.0), (101, 50.0)), logprob_token_ids=heads.token_ids)
+    params = to_sampling_params(options, 1, RequestOutputKind.DELTA, heads.token_ids)
+    assert params.logit_bias == {5: 3.0, 100: -100.0, 101: -100.0, 102: -100.0, 103: -100.0}
+    assert params.logprob_token_ids == [100, 101, 102, 103] and params.logprobs == 4
+    plain = to_sampling_params(SamplingOptions(max_tokens=8), 1, RequestOutputKind.DELTA)
+    assert plain.logit_bias is None and not plain.logprob_token_ids
