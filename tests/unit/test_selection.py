@@ -689,3 +689,83 @@ def test_distill_config_accepts_the_edges_and_builds_the_selection(distill_confi
         reward_source=source, verifier="logprob", threshold=0.0, max_per_prompt=1
     )
     assert distill_config(output_dir=str(tmp_path), threshold=1.0).selection().threshold == 1.0
+
+
+# --------------------------------------------------------------------------- PreferenceDistillConfig and rows
+
+
+@pytest.fixture(scope="module")
+def distill_module():
+    pytest.importorskip("trl")
+    from training import distill
+
+    return distill
+
+
+def test_method_picks_the_config_and_so_the_trainer(distill_module, tmp_path: Path) -> None:
+    assert distill_module.config_class(["--output_dir", str(tmp_path)]) is distill_module.DistillConfig
+    for method in ("dpo", "sft+dpo"):
+        argv = ["--traces", "t", "--method", method, "--beta", "0.2"]
+        assert distill_module.config_class(argv) is distill_module.PreferenceDistillConfig
+
+
+def test_sft_plus_dpo_adds_trls_sft_loss_once(distill_module, tmp_path: Path) -> None:
+    config_cls = distill_module.PreferenceDistillConfig
+    assert config_cls(output_dir=str(tmp_path)).loss_type == ["sigmoid"]
+    combined = config_cls(output_dir=str(tmp_path), method="sft+dpo")
+    assert combined.loss_type == ["sigmoid", "sft"]
+    weighted = config_cls(output_dir=str(tmp_path), method="sft+dpo", loss_type=["ipo", "sft"], loss_weights=[1, 2])
+    assert (weighted.loss_type, weighted.loss_weights) == (["ipo", "sft"], [1, 2])
+    assert config_cls(output_dir=str(tmp_path), method="sft+dpo", loss_type="ipo", loss_weights=[0.5]).loss_weights == [
+        0.5,
+        1.0,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("config", "options", "message"),
+    [
+        ("DistillConfig", {"method": "dpo"}, "method sft"),
+        ("PreferenceDistillConfig", {"method": "sft"}, "method dpo or sft\\+dpo"),
+        ("PreferenceDistillConfig", {"threshold": 2.0}, "threshold"),
+        ("PreferenceDistillConfig", {"reward_source": "best"}, "reward_source"),
+    ],
+)
+def test_each_config_refuses_the_other_method_and_bad_selections(distill_module, tmp_path, config, options, message):
+    with pytest.raises(ValueError, match=message):
+        getattr(distill_module, config)(output_dir=str(tmp_path), **options)
+
+
+def test_dpo_rows_come_from_the_pairs_and_sft_rows_from_the_examples(distill_module, tmp_path: Path) -> None:
+    selection = select_examples(
+        [request("tr-a", [candidate(0, RIGHT), candidate(1, WRONG), candidate(2, "It is 40.")], reference="42")],
+        {},
+        SelectionConfig(),
+    )
+    dpo = distill_module.PreferenceDistillConfig(output_dir=str(tmp_path))
+    assert distill_module.training_rows(dpo, selection) == [
+        {
+            "prompt": messages(SIX_SEVENS),
+            "chosen": [{"role": "assistant", "content": RIGHT}],
+            "rejected": [{"role": "assistant", "content": wrong}],
+        }
+        for wrong in (WRONG, "It is 40.")
+    ]
+    sft = distill_module.DistillConfig(output_dir=str(tmp_path))
+    assert distill_module.training_rows(sft, selection) == [
+        {"prompt": messages(SIX_SEVENS), "completion": [{"role": "assistant", "content": RIGHT}]}
+    ]
+
+
+def test_sft_rows_add_the_rationales_without_their_hint(distill_module, tmp_path: Path) -> None:
+    from training.rationalize import write_rationales
+
+    path = tmp_path / "rationales.jsonl"
+    write_rationales([Example(tuple(messages("What is 9 * 9?")), "9 * 9 = 81", 1.0, "rationalization", "tr-r")], path)
+    selection = select_examples([request("tr-a", [candidate(0, RIGHT)], reference="42")], {}, SelectionConfig())
+    sft = distill_module.DistillConfig(output_dir=str(tmp_path), rationales=str(path))
+    rows = distill_module.training_rows(sft, selection)
+    assert [r["prompt"][-1]["content"] for r in rows] == [SIX_SEVENS, "What is 9 * 9?"]
+    assert rows[1]["completion"] == [{"role": "assistant", "content": "9 * 9 = 81"}]
+    dpo = distill_module.PreferenceDistillConfig(output_dir=str(tmp_path), rationales=str(path))
+    assert distill_module.training_rows(dpo, selection) == []  # a rationale has no rejected side
