@@ -103,6 +103,9 @@ class DistillConfig(SFTConfig, TraceSelectionArguments):
         default="no", metadata={"help": "Intermediate checkpoints; the final model is always saved."}
     )
     logging_steps: float = field(default=5, metadata={"help": "Log the loss every this many steps."})
+    logging_first_step: bool = field(
+        default=True, metadata={"help": "Log the first step too (the report's first_loss, even for a short run)."}
+    )
     max_length: int | None = field(default=1024, metadata={"help": "Truncate examples to this many tokens."})
 
     def __post_init__(self) -> None:
@@ -134,6 +137,9 @@ class PreferenceDistillConfig(DPOConfig, TraceSelectionArguments):
         default="no", metadata={"help": "Intermediate checkpoints; the final model is always saved."}
     )
     logging_steps: float = field(default=5, metadata={"help": "Log the loss every this many steps."})
+    logging_first_step: bool = field(
+        default=True, metadata={"help": "Log the first step too (the report's first_loss, even for a short run)."}
+    )
 
     def __post_init__(self) -> None:
         self.check_selection(("dpo", "sft+dpo"))
