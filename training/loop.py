@@ -2,6 +2,7 @@
 
     round 0: serve the base model, evaluate it on the held-out set
     round r: serve model r-1 on the training set with a search strategy and the reference (bootstrap traces),
+             optionally ask it to rationalize the prompts it never solved, with the answer as a hint (STaR),
              distill those traces into the base model (ReST-EM: from the base each round) -> model r,
              serve model r and evaluate it on the held-out set
 
@@ -23,7 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from training.config_cli import parser_from_dataclass
+from training.distill import METHODS
 from training.evaluate import EvalConfig, run_eval, summarize
+from training.rationalize import RationalizeConfig, openai_complete, rationalize, write_rationales
+from training.selection import SelectionConfig, select_from_journal
 from training.server_process import ServerProcess
 from training.tasks import generate_tasks, load_tasks, write_tasks
 
@@ -49,8 +53,19 @@ class LoopConfig:
     concurrency: int = field(default=4, metadata={"help": "Requests in flight."})
     threshold: float = field(default=1.0, metadata={"help": "Selection threshold on the reward."})
     max_per_prompt: int = field(default=4, metadata={"help": "Examples per prompt."})
+    method: str = field(
+        default="sft",
+        metadata={"help": "Distillation method (see ponder distill): sft, dpo or sft+dpo.", "choices": list(METHODS)},
+    )
+    rationalize: bool = field(
+        default=False,
+        metadata={"help": "STaR: ask the model for rationales of the unsolved training prompts, hinted (sft only)."},
+    )
+    rationale_samples: int = field(default=4, metadata={"help": "Hinted samples per unsolved prompt."})
     epochs: float = field(default=2.0, metadata={"help": "Training epochs per round."})
-    learning_rate: float = field(default=1e-5, metadata={"help": "Peak learning rate."})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate (default: the method's, 1e-5 for sft, 5e-6 for dpo)."}
+    )
     use_lora: bool = field(default=False, metadata={"help": "LoRA instead of full fine-tuning."})
     serve_args: str = field(default="", metadata={"help": 'Extra `ponder serve` flags, e.g. "--max-model-len 2048".'})
 
@@ -89,34 +104,60 @@ def run_tasks(server: ServerProcess, tasks: Path, strategies: list[str], config:
     return summarize(asyncio.run(run_eval(eval_config)))
 
 
-def distill(config: LoopConfig, traces: Path, output_dir: Path, log: Path) -> dict[str, Any]:
-    """One `python -m training.distill` run (a process of its own: training memory is freed at exit)."""
-    command = [
-        sys.executable,
-        "-m",
-        "training.distill",
-        "--traces",
-        str(traces),
-        "--output_dir",
-        str(output_dir),
-        "--threshold",
-        str(config.threshold),
-        "--max_per_prompt",
-        str(config.max_per_prompt),
-        "--num_train_epochs",
-        str(config.epochs),
-        "--learning_rate",
-        str(config.learning_rate),
-        "--min_examples",
-        "1",
-    ]
+def distill_command(config: LoopConfig, traces: Path, output_dir: Path, rationales: Path | None = None) -> list[str]:
+    """The `ponder distill` flags of one round: the loop's method, selection and training options."""
+    command = ["--method", config.method, "--traces", str(traces), "--output_dir", str(output_dir)]
+    command += ["--threshold", str(config.threshold), "--max_per_prompt", str(config.max_per_prompt)]
+    command += ["--num_train_epochs", str(config.epochs), "--min_examples", "1"]
+    if config.learning_rate is not None:
+        command += ["--learning_rate", str(config.learning_rate)]
+    if rationales is not None:
+        command += ["--rationales", str(rationales)]
     if config.base_model:
         command += ["--base_model", config.base_model]
     if config.use_lora:
         command += ["--use_lora", "true"]
+    return command
+
+
+def distill(
+    config: LoopConfig, traces: Path, output_dir: Path, log: Path, rationales: Path | None = None
+) -> dict[str, Any]:
+    """One `python -m training.distill` run (a process of its own: training memory is freed at exit)."""
+    command = [sys.executable, "-m", "training.distill", *distill_command(config, traces, output_dir, rationales)]
     with log.open("ab") as sink:
         subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT, check=True)
     return json.loads((output_dir / "ponder-distill.json").read_text())
+
+
+def rationalize_unsolved(
+    config: LoopConfig, model: str | None, round_dir: Path, serve_args: tuple[str, ...]
+) -> tuple[Path, dict[str, Any]]:
+    """STaR: rationales for the training prompts the bootstrap never solved, from a server whose journal is its own
+    (a hinted prompt must never become a training prompt). Returns the JSONL for `--rationales` and the report."""
+    import openai
+
+    selection = select_from_journal(
+        str(round_dir / "train-traces"),
+        SelectionConfig(threshold=config.threshold, max_per_prompt=config.max_per_prompt),
+    )
+    rationalize_config = RationalizeConfig(
+        samples=config.rationale_samples,
+        max_per_prompt=config.max_per_prompt,
+        max_tokens=config.max_tokens,
+        concurrency=config.concurrency,
+    )
+    path = round_dir / "rationales.jsonl"
+    with ServerProcess(model, round_dir / "rationale-traces", round_dir / "serve.log", serve_args) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=600)
+        served = client.models.list().data[0].id
+        examples, report = rationalize(
+            selection.unsolved, openai_complete(client, served, rationalize_config), rationalize_config
+        )
+    write_rationales(examples, path)
+    (round_dir / "rationales-report.json").write_text(json.dumps(report.as_dict(), indent=2))
+    print(f"rationalization: {report.kept} rationales for {report.prompts_rationalized} of {report.prompts} prompts")
+    return path, report.as_dict()
 
 
 def overlap(train: Path, held_out: Path) -> float:
@@ -228,12 +269,22 @@ def run_loop(config: LoopConfig) -> list[dict[str, Any]]:
         next_dir = work / f"round{r + 1}"
         with ServerProcess(model, next_dir / "train-traces", next_dir / "serve.log", serve_args) as server:
             run_tasks(server, train_tasks[r], [config.bootstrap_strategy], config, next_dir / "bootstrap")
+        rationales, rationalized = None, {}
+        if config.rationalize:
+            rationales, rationale_report = rationalize_unsolved(config, model, next_dir, serve_args)
+            rationalized = {"rationales": rationale_report["kept"]}
         try:
-            report = distill(config, next_dir / "train-traces", next_dir / "model", next_dir / "distill.log")
+            report = distill(
+                config, next_dir / "train-traces", next_dir / "model", next_dir / "distill.log", rationales
+            )
         except subprocess.CalledProcessError:
             print(f"distillation failed in round {r + 1}: see {next_dir / 'distill.log'}; stopping the loop")
             break
-        trained = {"train_examples": report["train"]["examples"], "overlap": overlap(train_tasks[r], eval_tasks)}
+        trained = {
+            "train_examples": report["train"]["examples"],
+            "overlap": overlap(train_tasks[r], eval_tasks),
+            **rationalized,
+        }
         model = str(next_dir / "model")
     split = exposure_split(work, max(row["round"] for row in rows))
     (work / "loop.json").write_text(json.dumps({"config": asdict(config), "rows": rows, "exposure": split}, indent=2))

@@ -3,7 +3,8 @@
     1. read every request record and the feedback posted for it (torn lines skipped)
     2. give each candidate a reward: posted feedback, else a reference match, else a chosen verifier's score
     3. keep candidates whose reward clears the threshold, deduplicated, at most k per prompt;
-       pair kept with rejected candidates of the same prompt for preference training
+       pair kept with rejected candidates of the same prompt for preference training (DPO);
+       list the prompts with a reference that no candidate solved (for STaR rationalization)
 
 Pure functions over plain dicts (the journal's records), so every rule is unit-testable without a model.
 """
@@ -50,6 +51,15 @@ class PreferencePair:
     trace_id: str
 
 
+@dataclass(frozen=True)
+class UnsolvedPrompt:
+    """A prompt with a reference answer none of whose candidates cleared the threshold: STaR rationalizes it."""
+
+    prompt: tuple[Mapping[str, Any], ...]
+    reference: str
+    trace_id: str
+
+
 @dataclass
 class SelectionReport:
     requests: int = 0
@@ -59,6 +69,8 @@ class SelectionReport:
     prompts: int = 0
     prompts_with_an_example: int = 0
     kept: int = 0
+    pairs: int = 0
+    prompts_with_a_pair: int = 0
     rejected: Counter = field(default_factory=Counter)  # reason -> count
     reward_sources: Counter = field(default_factory=Counter)
 
@@ -71,6 +83,7 @@ class Selection:
     examples: list[Example]
     pairs: list[PreferencePair]
     report: SelectionReport
+    unsolved: list[UnsolvedPrompt] = field(default_factory=list)
 
 
 def load_journal(
@@ -99,9 +112,7 @@ def candidate_reward(
     reference posted with feedback grades every candidate, like a reference sent with the request.
     """
     chosen = candidate.get("index") in record.get("chosen_indices", [record.get("chosen_index")])
-    reference = next((f["reference"] for f in reversed(feedback) if f.get("reference")), None) or record.get(
-        "reference"
-    )
+    reference = reference_of(record, feedback)
     rewards: dict[str, float] = {}
     if feedback and chosen:
         rewards["feedback"] = float(feedback[-1]["reward"])
@@ -115,6 +126,12 @@ def candidate_reward(
         if source in rewards:
             return rewards[source], source
     return None
+
+
+def reference_of(record: Mapping[str, Any], feedback: Sequence[Mapping[str, Any]]) -> str | None:
+    """The reference answer of a request: the latest one posted with feedback, else the one sent with it."""
+    posted = next((f["reference"] for f in reversed(feedback) if f.get("reference")), None)
+    return posted or record.get("reference") or None
 
 
 def prompt_key(messages: Sequence[Mapping[str, Any]]) -> str:
@@ -134,6 +151,7 @@ def select_examples(
     report = SelectionReport()
     by_prompt: dict[str, list[tuple[float, str, dict[str, Any], Mapping[str, Any]]]] = defaultdict(list)
     messages_of: dict[str, tuple[Mapping[str, Any], ...]] = {}
+    reference_by_prompt: dict[str, tuple[str, str]] = {}  # prompt -> (reference, trace id), the last one seen
     for record in requests:
         report.requests += 1
         report.candidates += len(record["candidates"])
@@ -143,6 +161,9 @@ def select_examples(
             continue
         key = prompt_key(messages)
         messages_of[key] = tuple(messages)
+        reference = reference_of(record, feedback.get(record["trace_id"], ()))
+        if reference:
+            reference_by_prompt[key] = (reference, record["trace_id"])
         for candidate in record["candidates"]:
             finish = candidate.get("finish_reason")
             if finish != "stop" and not config.include_unfinished:
@@ -174,15 +195,41 @@ def select_examples(
             kept.append(Example(messages_of[key], text, reward, source, record["trace_id"]))
             report.reward_sources[source] += 1
         examples.extend(kept)
-        kept_texts = {normalized_completion(e.completion) for e in kept}
-        distinct_rejected = [bad for bad in rejected_texts if normalized_completion(bad) not in kept_texts]
-        pairs.extend(
-            PreferencePair(messages_of[key], good.completion, bad, good.trace_id)
-            for good, bad in zip(kept, distinct_rejected)
-        )
+        prompt_pairs = preference_pairs(messages_of[key], kept, rejected_texts, config.max_per_prompt)
+        pairs.extend(prompt_pairs)
         report.prompts_with_an_example += bool(kept)
-    report.kept = len(examples)
-    return Selection(examples, pairs, report)
+        report.prompts_with_a_pair += bool(prompt_pairs)
+    report.kept, report.pairs = len(examples), len(pairs)
+    solved = {prompt_key(e.prompt) for e in examples}
+    unsolved = [
+        UnsolvedPrompt(messages_of[key], reference, trace_id)
+        for key, (reference, trace_id) in reference_by_prompt.items()
+        if key not in solved
+    ]
+    return Selection(examples, pairs, report, unsolved)
+
+
+def preference_pairs(
+    prompt: tuple[Mapping[str, Any], ...], kept: Sequence[Example], rejected: Sequence[str], max_pairs: int
+) -> list[PreferencePair]:
+    """Pair the kept completions of one prompt with its distinct rejected ones (best-rewarded rejects first).
+
+    The shorter list is cycled, so a prompt the model mostly gets wrong (one right answer, seven wrong ones)
+    gives several pairs (Pang et al. 2024, iterative RPO, pairs each correct answer with several wrong ones);
+    at most `max_pairs`, and never a completion against itself.
+    """
+    kept_texts = {normalized_completion(e.completion) for e in kept}
+    distinct: dict[str, str] = {}
+    for text in rejected:
+        distinct.setdefault(normalized_completion(text), text)
+    losers = [text for norm, text in distinct.items() if norm not in kept_texts]
+    if not kept or not losers:
+        return []
+    count = min(max_pairs, max(len(kept), len(losers)))
+    return [
+        PreferencePair(prompt, kept[i % len(kept)].completion, losers[i % len(losers)], kept[i % len(kept)].trace_id)
+        for i in range(count)
+    ]
 
 
 def select_from_journal(location: str, config: SelectionConfig, sealed_only: bool = False) -> Selection:

@@ -151,3 +151,36 @@ def test_the_loop_says_whether_the_last_model_beats_the_base(last: float, better
     verdict = improvement(rows, "single")
     assert verdict.better is better
     assert verdict.message.endswith(f"{last:.2f} against 0.40")
+
+
+@pytest.mark.parametrize(
+    ("method", "learning_rate", "config_name", "expected_rate"),
+    [
+        ("sft", None, "DistillConfig", 1e-5),
+        ("dpo", None, "PreferenceDistillConfig", 5e-6),
+        ("sft+dpo", 2e-6, "PreferenceDistillConfig", 2e-6),
+    ],
+)
+def test_each_round_distills_with_the_loops_method(tmp_path, method, learning_rate, config_name, expected_rate) -> None:
+    pytest.importorskip("trl")
+    from transformers import HfArgumentParser
+
+    from training import distill
+    from training.loop import distill_command
+
+    config = LoopConfig(method=method, learning_rate=learning_rate, threshold=0.5, max_per_prompt=3, use_lora=True)
+    argv = distill_command(config, tmp_path / "traces", tmp_path / "model", tmp_path / "rationales.jsonl")
+    config_cls = distill.config_class(argv)
+    assert config_cls.__name__ == config_name
+    (parsed,) = HfArgumentParser(config_cls).parse_args_into_dataclasses(args=argv)
+    assert (parsed.method, parsed.learning_rate, parsed.threshold, parsed.max_per_prompt) == (
+        method,
+        expected_rate,
+        0.5,
+        3,
+    )
+    assert (parsed.traces, parsed.rationales, parsed.use_lora) == (
+        str(tmp_path / "traces"),
+        str(tmp_path / "rationales.jsonl"),
+        True,
+    )

@@ -18,8 +18,10 @@ from training.selection import (
     Example,
     PreferencePair,
     SelectionConfig,
+    UnsolvedPrompt,
     candidate_reward,
     load_journal,
+    preference_pairs,
     select_examples,
     select_from_journal,
     to_preference_rows,
@@ -360,6 +362,8 @@ def test_the_report_counts_every_candidate_exactly_once() -> None:
         "prompts": 4,
         "prompts_with_an_example": 3,
         "kept": 4,
+        "pairs": 3,  # 42 and 6 * 7 = 42 each against 41 (the one reject is cycled); 12 against 13
+        "prompts_with_a_pair": 2,
         "rejected": {
             "duplicate of a kept completion": 1,
             "reward below threshold": 3,
@@ -377,6 +381,9 @@ def test_the_report_counts_every_candidate_exactly_once() -> None:
         ("The answer is 4.", 1.0, "verifier", "tr-3"),
         ("The answer is 42.", 1.0, "reference", "tr-1"),
     ]
+    assert report.pairs == len(selection.pairs)
+    # Only 9 * 9 has a reference and no kept candidate; 2 * 2 has none, 3 * 4 is solved by feedback.
+    assert selection.unsolved == [UnsolvedPrompt(tuple(messages("What is 9 * 9?")), "81", "tr-4")]
     json.dumps(report.as_dict())  # written into ponder-distill.json
 
 
@@ -416,10 +423,12 @@ def test_preference_pairs_stay_within_one_prompt() -> None:
     ]
     selection = select_examples(requests, {}, SelectionConfig())
     assert texts(selection.examples) == ["Answer 0.", "Answer 1.", "good 1", "good 2"]
-    # Only "mixed" has both kept and rejected candidates; the highest-reward rejects are used first.
+    # Only "mixed" has both kept and rejected candidates; the highest-reward rejects are used first, and the
+    # shorter list (the kept ones) is cycled so that every distinct reject is used.
     assert selection.pairs == [
         PreferencePair(tuple(messages("mixed")), "good 1", "bad 2", "tr-c"),
         PreferencePair(tuple(messages("mixed")), "good 2", "bad 1", "tr-c"),
+        PreferencePair(tuple(messages("mixed")), "good 1", "bad 3", "tr-c"),
     ]
 
 
@@ -451,6 +460,61 @@ def test_a_pair_never_prefers_a_completion_to_itself() -> None:
     selection = select_examples([record], {"tr-a": [feedback_record("tr-a", 1.0)]}, SelectionConfig())
     assert texts(selection.examples) == [RIGHT]
     assert all(pair.chosen != pair.rejected for pair in selection.pairs)
+
+
+def kept_examples(*texts: str, prompt: tuple = ()) -> list[Example]:
+    return [Example(prompt, text, 1.0, "reference", f"tr-{i}") for i, text in enumerate(texts)]
+
+
+def test_one_right_answer_is_paired_with_each_distinct_wrong_one_up_to_the_cap() -> None:
+    wrong = ["The answer is 41.", "The answer is  41.", "The answer is 40.", "It is 6.", "It is 7."]
+    pairs = preference_pairs((), kept_examples(RIGHT), wrong, max_pairs=3)
+    # the whitespace variant of 41 is one reject; the cap stops at three pairs
+    assert [(p.chosen, p.rejected) for p in pairs] == [
+        (RIGHT, "The answer is 41."),
+        (RIGHT, "The answer is 40."),
+        (RIGHT, "It is 6."),
+    ]
+
+
+def test_several_right_answers_share_one_wrong_one() -> None:
+    pairs = preference_pairs((), kept_examples("42", "6 * 7 = 42", "forty-two"), ["41"], max_pairs=4)
+    assert [(p.chosen, p.rejected, p.trace_id) for p in pairs] == [
+        ("42", "41", "tr-0"),
+        ("6 * 7 = 42", "41", "tr-1"),
+        ("forty-two", "41", "tr-2"),
+    ]
+
+
+@pytest.mark.parametrize(("kept", "rejected"), [((), ["41"]), (("42",), []), (("42",), ["42", " 42 "])])
+def test_no_pair_without_a_right_and_a_different_wrong_answer(kept: tuple[str, ...], rejected: list[str]) -> None:
+    assert preference_pairs((), kept_examples(*kept), rejected, max_pairs=4) == []
+
+
+def test_unsolved_prompts_are_those_with_a_reference_and_nothing_kept() -> None:
+    requests = [
+        request("tr-a", [candidate(0, WRONG)], question="Q solved later", reference="42"),
+        request("tr-b", [candidate(0, RIGHT)], question="Q solved later", reference="42"),
+        request(
+            "tr-c",
+            [candidate(0, WRONG), candidate(1, "The answer is 4", finish_reason="length")],
+            question="Q wrong",
+            reference="42",
+        ),
+        request("tr-d", [candidate(0, "The answer is 4", finish_reason="length")], question="Q cut", reference="42"),
+        request("tr-e", [candidate(0, WRONG, answer_agreement=1.0)], question="Q no reference"),
+    ]
+    selection = select_examples(requests, {"tr-f": [feedback_record("tr-f", 1.0, reference="7")]}, SelectionConfig())
+    assert [(u.prompt[-1]["content"], u.reference, u.trace_id) for u in selection.unsolved] == [
+        ("Q wrong", "42", "tr-c"),
+        ("Q cut", "42", "tr-d"),
+    ]
+
+
+def test_a_reference_posted_with_feedback_makes_a_prompt_rationalizable() -> None:
+    record = request("tr-a", [candidate(0, WRONG)], question="Q")
+    selection = select_examples([record], {"tr-a": [feedback_record("tr-a", 0.0, reference="43")]}, SelectionConfig())
+    assert [(u.reference, u.trace_id) for u in selection.unsolved] == [("43", "tr-a")]
 
 
 # --------------------------------------------------------------------------- journal on disk
@@ -520,6 +584,8 @@ def test_select_from_journal_joins_feedback_and_skips_a_torn_line(tmp_path: Path
         "prompts": 2,
         "prompts_with_an_example": 2,
         "kept": 2,
+        "pairs": 1,
+        "prompts_with_a_pair": 1,
         "rejected": {"reward below threshold": 1},
         "reward_sources": {"reference": 2},
     }
@@ -623,3 +689,83 @@ def test_distill_config_accepts_the_edges_and_builds_the_selection(distill_confi
         reward_source=source, verifier="logprob", threshold=0.0, max_per_prompt=1
     )
     assert distill_config(output_dir=str(tmp_path), threshold=1.0).selection().threshold == 1.0
+
+
+# --------------------------------------------------------------------------- PreferenceDistillConfig and rows
+
+
+@pytest.fixture(scope="module")
+def distill_module():
+    pytest.importorskip("trl")
+    from training import distill
+
+    return distill
+
+
+def test_method_picks_the_config_and_so_the_trainer(distill_module, tmp_path: Path) -> None:
+    assert distill_module.config_class(["--output_dir", str(tmp_path)]) is distill_module.DistillConfig
+    for method in ("dpo", "sft+dpo"):
+        argv = ["--traces", "t", "--method", method, "--beta", "0.2"]
+        assert distill_module.config_class(argv) is distill_module.PreferenceDistillConfig
+
+
+def test_sft_plus_dpo_adds_trls_sft_loss_once(distill_module, tmp_path: Path) -> None:
+    config_cls = distill_module.PreferenceDistillConfig
+    assert config_cls(output_dir=str(tmp_path)).loss_type == ["sigmoid"]
+    combined = config_cls(output_dir=str(tmp_path), method="sft+dpo")
+    assert combined.loss_type == ["sigmoid", "sft"]
+    weighted = config_cls(output_dir=str(tmp_path), method="sft+dpo", loss_type=["ipo", "sft"], loss_weights=[1, 2])
+    assert (weighted.loss_type, weighted.loss_weights) == (["ipo", "sft"], [1, 2])
+    assert config_cls(output_dir=str(tmp_path), method="sft+dpo", loss_type="ipo", loss_weights=[0.5]).loss_weights == [
+        0.5,
+        1.0,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("config", "options", "message"),
+    [
+        ("DistillConfig", {"method": "dpo"}, "method sft"),
+        ("PreferenceDistillConfig", {"method": "sft"}, "method dpo or sft\\+dpo"),
+        ("PreferenceDistillConfig", {"threshold": 2.0}, "threshold"),
+        ("PreferenceDistillConfig", {"reward_source": "best"}, "reward_source"),
+    ],
+)
+def test_each_config_refuses_the_other_method_and_bad_selections(distill_module, tmp_path, config, options, message):
+    with pytest.raises(ValueError, match=message):
+        getattr(distill_module, config)(output_dir=str(tmp_path), **options)
+
+
+def test_dpo_rows_come_from_the_pairs_and_sft_rows_from_the_examples(distill_module, tmp_path: Path) -> None:
+    selection = select_examples(
+        [request("tr-a", [candidate(0, RIGHT), candidate(1, WRONG), candidate(2, "It is 40.")], reference="42")],
+        {},
+        SelectionConfig(),
+    )
+    dpo = distill_module.PreferenceDistillConfig(output_dir=str(tmp_path))
+    assert distill_module.training_rows(dpo, selection) == [
+        {
+            "prompt": messages(SIX_SEVENS),
+            "chosen": [{"role": "assistant", "content": RIGHT}],
+            "rejected": [{"role": "assistant", "content": wrong}],
+        }
+        for wrong in (WRONG, "It is 40.")
+    ]
+    sft = distill_module.DistillConfig(output_dir=str(tmp_path))
+    assert distill_module.training_rows(sft, selection) == [
+        {"prompt": messages(SIX_SEVENS), "completion": [{"role": "assistant", "content": RIGHT}]}
+    ]
+
+
+def test_sft_rows_add_the_rationales_without_their_hint(distill_module, tmp_path: Path) -> None:
+    from training.rationalize import write_rationales
+
+    path = tmp_path / "rationales.jsonl"
+    write_rationales([Example(tuple(messages("What is 9 * 9?")), "9 * 9 = 81", 1.0, "rationalization", "tr-r")], path)
+    selection = select_examples([request("tr-a", [candidate(0, RIGHT)], reference="42")], {}, SelectionConfig())
+    sft = distill_module.DistillConfig(output_dir=str(tmp_path), rationales=str(path))
+    rows = distill_module.training_rows(sft, selection)
+    assert [r["prompt"][-1]["content"] for r in rows] == [SIX_SEVENS, "What is 9 * 9?"]
+    assert rows[1]["completion"] == [{"role": "assistant", "content": "9 * 9 = 81"}]
+    dpo = distill_module.PreferenceDistillConfig(output_dir=str(tmp_path), rationales=str(path))
+    assert distill_module.training_rows(dpo, selection) == []  # a rationale has no rejected side
