@@ -189,6 +189,22 @@ def save_checkpoint(trainer, tokenizer, config: DistillConfig | PreferenceDistil
     tokenizer.save_pretrained(out)
 
 
+def carry_over_heads(base_path: Path, out: Path) -> dict | None:
+    """Keep the base's introspection rows servable in the new model, and say they are stale.
+
+    The rows are part of the vocabulary, so the checkpoint already has them (and the tokenizer their tokens);
+    the layout file makes the server read them. Fine-tuning moved the body they were fit on, so their
+    predictions drift: retrain them on the new model, `ponder heads train --base-model OUT` (that reuses the rows).
+    """
+    from server.introspection import IntrospectionHeads
+
+    heads = IntrospectionHeads.load(base_path)
+    if heads is None:
+        return None
+    heads.save(out)
+    return {"carried_over": True, "stale": True, "retrain": f"ponder heads train --base-model {out} --traces ..."}
+
+
 def train_summary(trainer, config: DistillConfig | PreferenceDistillConfig, rows: int, seconds: float) -> dict:
     logged = trainer.state.log_history
     losses = [entry["loss"] for entry in logged if "loss" in entry]
@@ -253,6 +269,7 @@ def main(config: DistillConfig | PreferenceDistillConfig) -> int:
     save_checkpoint(trainer, tokenizer, config)
     report = {
         "base_model": str(base_path),
+        "introspection": carry_over_heads(base_path, Path(config.output_dir)),
         "traces": config.traces,
         "rationales": config.rationales,
         "selection": asdict(config.selection()),
