@@ -106,7 +106,8 @@ class AdmissionController:
         self._set_queue_gauge()
         started = time.monotonic()
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), self.max_queue_wait_s)
+            async with asyncio.timeout(self.max_queue_wait_s):  # not wait_for: it may swallow a cancellation
+                await waiter.future
         except BaseException as exc:  # timed out, or the client left (cancelled) while waiting
             self._leave_queue(waiter)
             if isinstance(exc, TimeoutError):

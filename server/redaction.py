@@ -22,7 +22,7 @@ MASK = "[REDACTED]"
 SECRET_PATTERNS = (
     re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}"),
     re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"),
-    re.compile(r"(?i)\b(api[_-]?key|secret|token|password)(\s*[=:]\s*)[\"']?[^\s\"',;]{8,}"),
+    re.compile(r"(?i)\b(api[_-]?key|secret|token|password)([\"']?\s*[=:]\s*[\"']?)[^\s\"',;]{8,}"),
     re.compile(r"\bAKIA[0-9A-Z]{16}\b"),
 )
 # Fields of a trace's `details` that describe the search, not the content; everything else there is content.
@@ -84,7 +84,7 @@ class Redactor:
 
     def _without_content(self, record: dict[str, Any]) -> dict[str, Any]:
         content = self.content
-        record["input"] = map_strings(record.get("input"), content)
+        record["input"] = self._input(record.get("input") or {})
         for key in ("reference", "error"):
             record[key] = content(record.get(key))
         record["tests"] = [content(t) for t in record.get("tests") or []]
@@ -96,6 +96,12 @@ class Redactor:
         if record.get("type") == "feedback":
             record["comment"] = content(record.get("comment"))
         return record
+
+    def _input(self, given: dict[str, Any]) -> dict[str, Any]:
+        """{"messages": [...]} keeps each message's role; {"prompt": text} is all content."""
+        if "messages" in given:
+            return given | {"messages": [m | {"content": self.content(m.get("content"))} for m in given["messages"]]}
+        return map_strings(given, self.content)
 
     def _details(self, value: Any, key: str | None = None) -> Any:
         if isinstance(value, dict):
