@@ -31,6 +31,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, drain_timeout_s: float) -> None:
         super().__init__(config)
         self.drain_timeout_s = drain_timeout_s
+        self.drain_started = False
         self.drain_task: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -40,10 +41,10 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Runs in the main thread between bytecodes (uvicorn installs it with `signal.signal`)."""
-        if self.drain_task is None and self.loop is not None and not self.should_exit:
+        if not self.drain_started and self.loop is not None and not self.should_exit:
+            self.drain_started = True
             logger.info("%s: draining for up to %.0f s", signal.Signals(sig).name, self.drain_timeout_s)
             self.loop.call_soon_threadsafe(self._start_drain)
-            self.drain_task = asyncio.Future()  # placeholder until the loop starts the real task
             return
         if self.should_exit:
             self.force_exit = True
