@@ -211,7 +211,8 @@ def test_sigterm_drains_then_exits_with_no_process_left(guarded):
     engine_pids = set(guarded.group_processes()) - {guarded.proc.pid}
     assert engine_pids, "vLLM's engine process should be a child of the server"
     guarded.proc.send_signal(signal.SIGTERM)
-    health = wait_for(lambda: httpx.get(guarded.url_for("health"), timeout=10), 5)
+    assert wait_for(lambda: httpx.get(guarded.url_for("health"), timeout=10).status_code == 503, 5)
+    health = httpx.get(guarded.url_for("health"), timeout=10)
     assert health.status_code == 503 and health.json()["error"]["code"] == "shutting_down"
     refused = httpx.post(
         guarded.url_for("v1/chat/completions"),
