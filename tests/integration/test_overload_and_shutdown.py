@@ -263,3 +263,22 @@ def test_kill_9_loses_at_most_the_last_flush_and_the_journal_reads_clean(tmp_pat
     journal.close_sync()
     assert not list(remote.trace_dir.glob("*.active.jsonl"))
     assert len(list(read_records(remote.trace_dir, sealed_only=True))) == len(records)
+
+
+# ---------------------------------------------------------------------------------------------- engine death
+def test_a_dead_engine_is_a_quick_503_on_health_and_requests(tmp_path):
+    remote = start_server(tmp_path)
+    try:
+        engine_pids = sorted(set(remote.group_processes()) - {remote.proc.pid})
+        assert engine_pids
+        for pid in engine_pids:
+            os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: httpx.get(remote.url_for("health"), timeout=15).status_code == 503, 30)
+        with keyed_client(remote, timeout=30) as client:
+            started = time.monotonic()
+            with pytest.raises(openai.APIStatusError) as failed:
+                client.chat.completions.create(model="smollm2-135m-instruct", messages=HELLO, max_tokens=4)
+            assert failed.value.status_code == 503 and time.monotonic() - started < 10
+            assert failed.value.response.headers["x-should-retry"] == "false"
+    finally:
+        remote.stop()
