@@ -41,7 +41,7 @@ def sweep(spec: str, levels: Sequence[int], requests: int, seconds: float) -> li
 
 
 def ponder_scenarios(small: bool) -> list[Scenario]:
-    n, s = (16, 20.0) if small else (64, 60.0)
+    n, s = (12, 15.0) if small else (64, 60.0)
     few = [1, 4, 16] if small else [1, 2, 4, 8, 16]
     return [
         *sweep("single", [1, 2, 4, 8, 16], n, s),
