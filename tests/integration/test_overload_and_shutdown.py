@@ -56,7 +56,8 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteOpenAISe
 
 
 def keyed_client(remote: RemoteOpenAIServer, **kwargs) -> openai.OpenAI:
-    return openai.OpenAI(base_url=remote.url_for("v1"), api_key=KEY, max_retries=0, timeout=300, **kwargs)
+    kwargs.setdefault("timeout", 300)
+    return openai.OpenAI(base_url=remote.url_for("v1"), api_key=KEY, max_retries=0, **kwargs)
 
 
 def scrape(remote: RemoteOpenAIServer) -> MetricsSnapshot:
