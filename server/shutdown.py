@@ -65,12 +65,23 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+def is_resource_tracker(process) -> bool:
+    """multiprocessing's resource tracker ignores SIGTERM on purpose: it outlives its parent by a moment to
+    unlink the shared memory the parent leaked, and exits when the parent's end of its pipe closes."""
+    import psutil
+
+    try:
+        return any("multiprocessing.resource_tracker" in part for part in process.cmdline())
+    except psutil.Error:
+        return False
+
+
 def reap_children(grace_s: float = CHILD_GRACE_S) -> list[int]:
-    """Terminate every descendant of this process still alive, SIGKILL those that outlive `grace_s`.
-    Returns the pids that needed SIGKILL."""
+    """Terminate every descendant of this process still alive (but the resource tracker, which exits after us
+    and cleans up), SIGKILL those that outlive `grace_s`. Returns the pids that needed SIGKILL."""
     import psutil  # vLLM's own dependency
 
-    children = psutil.Process().children(recursive=True)
+    children = [child for child in psutil.Process().children(recursive=True) if not is_resource_tracker(child)]
     if not children:
         return []
     for child in children:

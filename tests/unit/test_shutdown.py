@@ -104,3 +104,12 @@ def test_reap_children_terminates_what_is_left():
     assert killed == [stubborn.pid]
     child.wait(timeout=5)  # both gone (psutil reaped them, so Popen sees no status of its own)
     stubborn.wait(timeout=5)
+
+
+def test_reap_children_leaves_the_resource_tracker_to_exit_by_itself():
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # a child that ignores SIGTERM and exits when we do
+    tracker_pid = resource_tracker._resource_tracker._pid
+    assert reap_children(grace_s=1) == []
+    os.kill(tracker_pid, 0)  # still alive: it exits once this process's end of its pipe closes
