@@ -12,14 +12,17 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from server.admission import AdmissionController
 from server.engine import Engine, EngineDeadError
 from server.errors import OpenAIError, install_error_handlers
 from server.metrics import PonderMetrics
 from server.prompt_rendering import PromptRenderer
 from server.protocol import ChatCompletionRequest, CompletionRequest, FeedbackRequest
+from server.redaction import Redactor
+from server.security import BodySizeLimit, digest, require_api_key, require_api_key_for_metrics
 from server.serving import CompletionService
 from server.settings import ServerSettings
 from server.strategy_selection import build_strategies
@@ -45,8 +48,20 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory, renderer
         )
         journal.start()
         engine = engine_factory()
+        admission = AdmissionController(
+            settings.max_inflight_cost, settings.max_queued_requests, settings.max_queue_wait_s, metrics
+        )
+        redactor = Redactor(settings.trace_content, settings.mask_secrets, settings.api_keys)
         app.state.service = CompletionService(
-            settings, engine, renderer_factory(), build_strategies(), build_verifiers(), journal, metrics
+            settings,
+            engine,
+            renderer_factory(),
+            build_strategies(),
+            build_verifiers(),
+            journal,
+            metrics,
+            admission=admission,
+            redactor=redactor,
         )
         app.state.created = int(time.time())
         logger.info("Ponder serves %s on http://%s:%d/v1", engine.model_name, settings.host, settings.port)
@@ -57,6 +72,8 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory, renderer
             await engine.shutdown()
 
     app = FastAPI(title="Ponder", version="0.1.0", lifespan=lifespan)
+    app.state.api_key_digests = tuple(digest(key) for key in settings.api_keys)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     add_routes(app)
     return app
@@ -66,27 +83,32 @@ def service_of(request: Request) -> CompletionService:
     return request.app.state.service
 
 
+AUTHENTICATED = [Depends(require_api_key)]
+
+
 def add_routes(app: FastAPI) -> None:
-    @app.post("/v1/chat/completions")
+    """Every route needs an API key (when the server has any) but /health, and /metrics unless configured so."""
+
+    @app.post("/v1/chat/completions", dependencies=AUTHENTICATED)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await service_of(request).chat(body, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=AUTHENTICATED)
     async def completions(body: CompletionRequest, request: Request):
         return await service_of(request).completion(body, request)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=AUTHENTICATED)
     async def list_models(request: Request) -> dict[str, Any]:
         return {"object": "list", "data": [model_card(request)]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", dependencies=AUTHENTICATED)
     async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
         card = model_card(request)
         if model_id != card["id"]:
             raise OpenAIError(404, f"model {model_id!r} does not exist", param="model", code="model_not_found")
         return card
 
-    @app.get("/v1/strategies")
+    @app.get("/v1/strategies", dependencies=AUTHENTICATED)
     async def list_strategies(request: Request) -> dict[str, Any]:
         service = service_of(request)
         return {
@@ -108,28 +130,31 @@ def add_routes(app: FastAPI) -> None:
             ],
         }
 
-    @app.get("/v1/traces/{trace_id}")
+    @app.get("/v1/traces/{trace_id}", dependencies=AUTHENTICATED)
     async def get_trace(trace_id: str, request: Request) -> dict[str, Any]:
         return await lookup_trace(service_of(request), trace_id)
 
-    @app.post("/v1/traces/{trace_id}/feedback")
+    @app.post("/v1/traces/{trace_id}/feedback", dependencies=AUTHENTICATED)
     async def post_feedback(trace_id: str, body: FeedbackRequest, request: Request) -> dict[str, Any]:
         service = service_of(request)
         await lookup_trace(service, trace_id)
         record = feedback_record(trace_id, body.reward, reference=body.reference, comment=body.comment)
-        service.journal.append(record)
+        service.journal.append(service.redactor.trace_record(record))
         service.metrics.feedback.inc()
         return {"object": "trace.feedback", "trace_id": trace_id, "accepted": True}
 
     @app.get("/health")
     async def health(request: Request) -> Response:
+        """Readiness: 503 while draining (a load balancer stops sending), or when the engine does not answer."""
+        if service_of(request).admission.draining:
+            return OpenAIError(503, "the server is shutting down", code="shutting_down").response()
         try:
             await asyncio.wait_for(service_of(request).engine.check_health(), timeout=10)
         except (EngineDeadError, TimeoutError) as exc:
             return OpenAIError(503, f"engine unavailable: {exc}", code="engine_unavailable").response()
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(require_api_key_for_metrics)])
     async def metrics(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -155,3 +180,19 @@ async def lookup_trace(service: CompletionService, trace_id: str) -> dict[str, A
             404, f"no trace {trace_id!r} in this server's journal", param="trace_id", code="trace_not_found"
         )
     return record
+
+
+async def drain(service: CompletionService, timeout_s: float, poll_s: float = 0.1) -> bool:
+    """Refuse new requests (503, /health too), then wait up to `timeout_s` for admitted and queued ones to end.
+    True if everything finished in time."""
+    admission = service.admission
+    admission.draining = True
+    service.metrics.draining.set(1)
+    deadline = time.monotonic() + timeout_s
+    while admission.running or admission.queue:
+        if time.monotonic() >= deadline:
+            running, queued = admission.running, len(admission.queue)
+            logger.warning("drain timed out with %d requests running, %d queued", running, queued)
+            return False
+        await asyncio.sleep(poll_s)
+    return True

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from server.model_registry import DEFAULT_MODEL, EMBEDDED_MODELS, resolve_model
-from server.settings import ServerSettings
+from server.settings import TRACE_CONTENT_MODES, ServerSettings
 
 logger = logging.getLogger("ponder")
 
@@ -40,6 +40,38 @@ def add_ponder_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask")
     group.add_argument("--heartbeat-interval", type=float, default=2.0, help="seconds between SSE heartbeats")
     group.add_argument("--request-timeout", type=float, default=None, help="per-request deadline in seconds")
+    security = parser.add_argument_group("Ponder security and limits")
+    security.add_argument(
+        "--api-key", action="append", default=None, help="a valid API key (repeatable; also env PONDER_API_KEY)"
+    )
+    security.add_argument("--api-keys-file", type=Path, default=None, help="a file of API keys, one per line")
+    security.add_argument("--metrics-require-auth", action="store_true", help="/metrics needs an API key too")
+    security.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (413 beyond)")
+    security.add_argument("--max-messages", type=int, default=256, help="most messages in a chat request")
+    security.add_argument(
+        "--trace-content",
+        choices=TRACE_CONTENT_MODES,
+        default="keep",
+        help="message and answer text in traces: keep, hash (sha256) or drop",
+    )
+    security.add_argument(
+        "--no-mask-secrets",
+        dest="mask_secrets",
+        action="store_false",
+        help="do not mask API keys, bearer tokens and sk-... keys in traces and logs",
+    )
+    admission = parser.add_argument_group("Ponder admission control and shutdown")
+    admission.add_argument(
+        "--max-inflight-cost",
+        type=int,
+        default=65536,
+        help="tokens (samples x max_tokens) admitted requests may have in flight; the rest queue",
+    )
+    admission.add_argument("--max-queued-requests", type=int, default=64, help="queue length; beyond it a 429")
+    admission.add_argument("--max-queue-wait", type=float, default=30.0, help="seconds in the queue before a 503")
+    admission.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds in-flight requests may take to finish"
+    )
 
 
 def build_serve_parser() -> argparse.ArgumentParser:
@@ -80,11 +112,16 @@ def serve(argv: list[str]) -> int:
 
     from server.app import create_app
     from server.prompt_rendering import HFPromptRenderer
+    from server.redaction import Redactor, install_log_masking
+    from server.security import collect_api_keys
     from server.vllm_engine import VllmEngine
 
     args = build_serve_parser().parse_args(argv)
     log_level = str(getattr(args, "log_level", "info")).lower()  # vLLM's own --log-level
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api_keys = collect_api_keys(args.api_key, args.api_keys_file)
+    if args.mask_secrets:
+        install_log_masking(Redactor(mask=True, known_secrets=api_keys))
     resolved = resolve_model(args.model)
     served_name = (args.served_model_name or [resolved.served_name])[0]
     engine_args = engine_args_from(args, str(resolved.path), served_name)
@@ -99,7 +136,18 @@ def serve(argv: list[str]) -> int:
         max_tokens_cap=args.max_tokens_cap,
         heartbeat_interval_s=args.heartbeat_interval,
         request_timeout_s=args.request_timeout,
+        api_keys=api_keys,
+        metrics_require_auth=args.metrics_require_auth,
+        max_body_bytes=args.max_body_bytes,
+        max_messages=args.max_messages,
+        trace_content=args.trace_content,
+        mask_secrets=args.mask_secrets,
+        max_inflight_cost=args.max_inflight_cost,
+        max_queued_requests=args.max_queued_requests,
+        max_queue_wait_s=args.max_queue_wait,
+        drain_timeout_s=args.drain_timeout,
     )
+    logger.info("API keys: %s", f"{len(api_keys)} configured" if api_keys else "none (every request is accepted)")
     from server.strategy_selection import build_strategies
 
     if settings.default_strategy not in build_strategies():
@@ -110,7 +158,15 @@ def serve(argv: list[str]) -> int:
         engine_factory=lambda: VllmEngine.start(engine_args),
         renderer_factory=lambda: HFPromptRenderer.from_model_dir(settings.model_path),
     )
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=30)
+    from server.shutdown import DrainingServer, reap_children
+
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=5
+    )
+    try:
+        DrainingServer(config, drain_timeout_s=settings.drain_timeout_s).run()
+    finally:
+        reap_children()
     return 0
 
 

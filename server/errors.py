@@ -29,6 +29,10 @@ ERROR_TYPES = {
     502: "server_error",
     503: "service_unavailable_error",
 }
+# Errors a retry of the same request cannot fix, though OpenAI's SDKs would retry their status by default (every
+# 5xx): `x-should-retry: false` stops them. A dead engine needs a restart; a request past its deadline would
+# only spend its whole budget again. Admission refusals say `true` (server/admission.py).
+NOT_RETRYABLE_CODES = frozenset({"engine_dead", "engine_unavailable", "deadline_exceeded", "strategy_failed"})
 
 
 class OpenAIError(Exception):
@@ -42,6 +46,8 @@ class OpenAIError(Exception):
         self.code = code
         self.type = type or ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
         self.headers: dict[str, str] = {}  # e.g. X-Trace-Id, so a failed request can still be looked up
+        if code in NOT_RETRYABLE_CODES:
+            self.headers["x-should-retry"] = "false"
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

@@ -50,6 +50,27 @@ class PonderMetrics:
         self.in_flight = Gauge("ponder_requests_in_flight", "Requests being served now", ["strategy"], registry=r)
         self.trace_write_errors = Counter("ponder_trace_write_errors", "Failed writes to the trace journal", registry=r)
         self.feedback = Counter("ponder_feedback", "Feedback records accepted", registry=r)
+        # admission control (server/admission.py): cost = planned samples x max_tokens
+        self.admitted = Counter(
+            "ponder_admitted_requests", "Requests admitted, immediately or after queueing", ["how"], registry=r
+        )
+        self.shed = Counter(
+            "ponder_shed_requests",
+            "Requests refused by admission control: queue_full (429), queue_timeout or draining (503)",
+            ["reason"],
+            registry=r,
+        )
+        self.queued = Gauge("ponder_queued_requests", "Requests waiting for admission now", registry=r)
+        self.admitted_cost = Gauge(
+            "ponder_admitted_cost_tokens", "Cost (samples x max_tokens) of the requests admitted now", registry=r
+        )
+        self.queue_wait = Histogram(
+            "ponder_queue_wait_seconds",
+            "Time admitted requests waited in the queue",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.draining = Gauge("ponder_draining", "1 while the server drains after SIGTERM", registry=r)
 
     def exposition(self) -> bytes:
         """Ponder's metrics followed by vLLM's (which live in prometheus_client's default registry)."""

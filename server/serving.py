@@ -17,12 +17,15 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
+from server.admission import AdmissionController, Ticket, request_cost
 from server.engine import Engine, EngineDeadError, GenerationDelta, SamplingOptions
 from server.errors import OpenAIError, invalid_request
 from server.metrics import PonderMetrics
 from server.prompt_rendering import PromptRenderer
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.redaction import Redactor
 from server.settings import ServerSettings
 from server.strategy_selection import StrategyChoice, choose_strategy
 from server.trace_journal import TraceJournal, new_trace_id, request_record
@@ -176,6 +179,36 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
+class AdmittedStreamingResponse(StreamingResponse):
+    """Holds its admission ticket until the stream is over, however it ends: the generator's own `finally` does
+    not run when the client leaves before the first chunk, this one does."""
+
+    def __init__(self, content: AsyncIterator[str], ticket: Ticket, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.ticket = ticket
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.ticket.release()
+
+
+def check_request_limits(body: SamplingFields, settings: ServerSettings) -> None:
+    """Per-request limits beyond max_tokens and samples (checked in `_prepare`)."""
+    messages = getattr(body, "messages", None)
+    if messages is not None and len(messages) > settings.max_messages:
+        raise invalid_request(
+            f"{len(messages)} messages is over this server's limit of {settings.max_messages}",
+            param="messages",
+            code="too_many_messages",
+        )
+    if body.tests and len(body.tests) > settings.max_tests:
+        raise invalid_request(
+            f"{len(body.tests)} tests is over this server's limit of {settings.max_tests}", param="tests"
+        )
+
+
 # ---------------------------------------------------------------------------------------------- the handler
 @dataclass
 class PreparedRequest:
@@ -208,8 +241,14 @@ class CompletionService:
         verifiers: Mapping[str, Verifier],
         journal: TraceJournal,
         metrics: PonderMetrics,
+        admission: AdmissionController | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self.settings = settings
+        self.admission = admission or AdmissionController(
+            settings.max_inflight_cost, settings.max_queued_requests, settings.max_queue_wait_s, metrics
+        )
+        self.redactor = redactor or Redactor(settings.trace_content, settings.mask_secrets, settings.api_keys)
         self.engine = engine
         self.renderer = renderer
         self.strategies = strategies
@@ -229,6 +268,7 @@ class CompletionService:
 
     # -- entry points
     async def chat(self, body: ChatCompletionRequest, request: Request):
+        check_request_limits(body, self.settings)
         messages = [m.model_dump(exclude_none=True, include={"role", "content", "name"}) for m in body.messages]
         for m, original in zip(messages, body.messages):
             m["content"] = original.text()
@@ -243,6 +283,7 @@ class CompletionService:
         return await self._serve(CHAT, body, prompt, request, body.reasoning_effort)
 
     async def completion(self, body: CompletionRequest, request: Request):
+        check_request_limits(body, self.settings)
         raw = body.prompt
         if isinstance(raw, list) and raw and all(isinstance(x, int) for x in raw):
             ids = [int(x) for x in raw]
@@ -342,10 +383,22 @@ class CompletionService:
         self, shape: ResponseShape, body: SamplingFields, prompt: Prompt, request: Request, effort: str | None
     ):
         prepared = self._prepare(shape, body, prompt, request, effort)
+        budget = prepared.context.budget
+        cost = request_cost(budget.max_samples, budget.max_tokens)
+        try:  # a client that leaves while queued frees its place
+            ticket = await until_disconnected(request, self.admission.admit(cost))
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         if body.stream:
-            return StreamingResponse(
-                self._stream(prepared, request), media_type="text/event-stream", headers=prepared.headers()
+            return AdmittedStreamingResponse(
+                self._stream(prepared, request), ticket, media_type="text/event-stream", headers=prepared.headers()
             )
+        try:
+            return await self._answer(prepared, request)
+        finally:
+            ticket.release()
+
+    async def _answer(self, prepared: PreparedRequest, request: Request) -> Response:
         self.metrics.in_flight.labels(prepared.choice.name).inc()
         status, error = "cancelled", "the server stopped the request"
         result: Result | None = None
@@ -483,8 +536,8 @@ class CompletionService:
             for candidate in result.candidates:
                 for verifier, score in candidate.scores.items():
                     self.metrics.verifier_score.labels(verifier).observe(score)
-        record = trace_record(prepared, result, status, error, latency)
         try:
+            record = self.redactor.trace_record(trace_record(prepared, result, status, error, latency))
             self.journal.append(record)
         except Exception:
             self.metrics.trace_write_errors.inc()

@@ -6,7 +6,11 @@ run under an `if __name__ == "__main__":` guard (the `ponder` command does).
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -105,6 +109,41 @@ def summed_logprob(output: CompletionOutput) -> float:
     return sum(position[tid].logprob for tid, position in zip(output.token_ids, output.logprobs) if tid in position)
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies (even by SIGKILL). vLLM's EngineCore ends
+    cleanly on SIGTERM, and its workers follow it through their own death pipes."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if parent == 1:  # the parent died before prctl took effect: nobody will send the signal
+        os.kill(os.getpid(), sig)
+
+
+def run_engine_core_tied_to_parent(*args, **kwargs):
+    """EngineCore's process entry point, dying with the server: without this, a `kill -9` of the server leaves
+    EngineCore (and its workers) running until someone SIGKILLs them. Picklable by name, for spawned children."""
+    from vllm.v1.engine.core import EngineCoreProc
+
+    die_with_parent()
+    original = getattr(EngineCoreProc, "_ponder_original_run_engine_core", EngineCoreProc.run_engine_core)
+    return original(*args, **kwargs)
+
+
+def tie_engine_core_to_this_process() -> None:
+    """Make EngineCore processes started from now on (by this thread) exit when this process dies."""
+    from vllm.v1.engine.core import EngineCoreProc
+
+    if not hasattr(EngineCoreProc, "_ponder_original_run_engine_core"):
+        EngineCoreProc._ponder_original_run_engine_core = EngineCoreProc.run_engine_core
+        EngineCoreProc.run_engine_core = staticmethod(run_engine_core_tied_to_parent)
+
+
 class VllmEngine:
     """Owns one AsyncLLM. Build it with `VllmEngine.start(engine_args)` inside a running event loop."""
 
@@ -125,6 +164,7 @@ class VllmEngine:
         introspection = IntrospectionHeads.load(engine_args.model)
         if introspection is not None and (engine_args.max_logprobs or 0) < introspection.size:
             engine_args.max_logprobs = introspection.size  # every head row's log-prob at every token
+        tie_engine_core_to_this_process()
         llm = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
         model_config = llm.model_config
         return cls(llm, model_config.served_model_name, model_config.max_model_len, introspection)

@@ -224,10 +224,26 @@ class Metrics:
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
+SHARED_SERVERS: list[RemoteOpenAIServer] = []  # the session's shared server, once started
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start servers of their own run last, after the shared server is stopped: one engine at a time."""
+    items.sort(key=lambda item: item.get_closest_marker("own_servers") is not None)  # stable: order kept otherwise
+
+
+@pytest.fixture(scope="module")
+def no_shared_server() -> None:
+    """Stop the shared server (if this session started it) before a module starts its own."""
+    for remote in SHARED_SERVERS:
+        remote.stop()
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteOpenAIServer]:
     root = tmp_path_factory.mktemp("ponder-server")
     remote = RemoteOpenAIServer(SERVER_ARGS, trace_dir=root / "traces", log_path=root / "server.log")
+    SHARED_SERVERS.append(remote)
     try:
         remote.wait_until_ready()
         yield remote
