@@ -1,7 +1,7 @@
 """Introspection heads end to end on the real model: traces -> `ponder heads train` -> serve -> `adaptive`.
 
-Runs its own two servers (the base model, then the checkpoint with heads) one after the other, before the
-suite's shared server starts (this file sorts first), so only one engine runs at a time. The heads are trained
+Runs its own two servers (the base model, then the checkpoint with heads) one after the other, after the
+suite's shared server has stopped (`own_servers`), so only one engine runs at a time. The heads are trained
 on a dozen requests for a few epochs: this proves the plumbing; docs/benchmarks.md measures the gain.
 """
 
@@ -20,7 +20,12 @@ from training.evaluate import EvalConfig, run_eval
 from training.heads import PLOT_FILE, REPORT_FILE, HeadsConfig, train
 from training.server_process import ServerProcess
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.own_servers,
+    pytest.mark.usefixtures("no_shared_server"),
+]
 
 SERVE_ARGS = ("--max-model-len", "1024")
 GREEDY_PROMPTS = ["What is 7 * 8?", "Name a colour.", "What is 12 + 30? Answer briefly."]

@@ -19,7 +19,12 @@ from training.distill import main as distill_main
 from training.evaluate import EvalConfig, run_eval, summarize, write_report
 from training.server_process import ServerProcess
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.own_servers,
+    pytest.mark.usefixtures("no_shared_server"),
+]
 
 SERVE_ARGS = ("--max-model-len", "1024")
 
