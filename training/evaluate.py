@@ -4,7 +4,9 @@ Runs a task set through a running Ponder server once per strategy (chosen per
 request with the ``X-Strategy`` / ``X-Strategy-Options`` headers), grades every
 completion with the same answer extraction the server's verifiers use, and
 writes a JSON report plus an accuracy-vs-compute plot. The point is the
-trade-off: how much accuracy each extra generated token buys.
+trade-off: how much accuracy each extra generated token buys. A code task
+(HumanEval) sends its tests as the request's ``tests`` and counts as correct
+when the returned code passes all of them in the ``code_tests`` sandbox.
 
     python -m training.evaluate --strategies single best_of_n:n=8,verifier=logprob \\
         self_consistency:n=8 --task_kind multiplication --count 100
@@ -30,8 +32,9 @@ from rich.table import Table
 from tqdm import tqdm
 
 from training.config_cli import parser_from_dataclass
-from training.tasks import TASK_GENERATORS, Task, generate_tasks, load_tasks
+from training.tasks import TASK_KINDS, TASK_LOADERS, Task, load_tasks, named_tasks
 from verifiers.answer_extraction import answers_match, extract_answer
+from verifiers.code_tests import Limits, extract_code, judge_run, run_tests
 
 GREEDY_STRATEGY = "single"
 MAX_ERROR_CHARS = 500
@@ -77,8 +80,9 @@ class EvalConfig:
     task_kind: str = field(
         default="multiplication",
         metadata={
-            "help": "Generated task family when --data is not given.",
-            "choices": sorted(TASK_GENERATORS),
+            "help": "Task set when --data is not given: a generated family, or a fixed benchmark "
+            f"({', '.join(TASK_LOADERS)}: all its problems; --count and --seed do not apply).",
+            "choices": TASK_KINDS,
         },
     )
     count: int = field(default=100, metadata={"help": "Number of generated tasks."})
@@ -200,7 +204,7 @@ def build_messages(task: Task, system_prompt: str | None) -> list[dict[str, str]
 
 def select_tasks(config: EvalConfig) -> list[Task]:
     """The configured task set: the JSONL file if given, else a generated set."""
-    tasks = load_tasks(config.data) if config.data else generate_tasks(config.task_kind, config.count, config.seed)
+    tasks = load_tasks(config.data) if config.data else named_tasks(config.task_kind, config.count, config.seed)
     return tasks if config.limit is None else tasks[: config.limit]
 
 
@@ -302,8 +306,8 @@ async def evaluate_item(
 
     Any exception except cancellation is recorded rather than raised: one bad
     request (HTTP 400, timeout, malformed body) must not cost a long run.
-    The reference travels in the body so the server's trace can be used for
-    training later.
+    The reference (a code task's tests) travels in the body so the server's
+    verifiers and trace can use it.
     """
     started = time.perf_counter()
     try:
@@ -313,7 +317,7 @@ async def evaluate_item(
             max_tokens=config.max_tokens,
             temperature=temperature_for(spec, config),
             extra_headers=strategy_headers(spec),
-            extra_body={"reference": task.answer},
+            extra_body=request_extension(task),
         )
         completion = raw.parse()
     except Exception as error:
@@ -332,11 +336,12 @@ async def evaluate_item(
     latency = time.perf_counter() - started
     text = (completion.choices[0].message.content or "") if completion.choices else ""
     usage_tokens = completion.usage.completion_tokens if completion.usage else None
+    correct, predicted = await grade(task, text)
     return ItemResult(
         task_id=task.id,
         strategy=spec.label,
-        correct=answers_match(text, task.answer),
-        predicted=extract_answer(text),
+        correct=correct,
+        predicted=predicted,
         reference=task.answer,
         generated_tokens=generated_tokens(raw.headers, usage_tokens),
         latency_s=latency,
@@ -347,6 +352,25 @@ async def evaluate_item(
         started_s=started - run_start,
         completion=text,
     )
+
+
+def request_extension(task: Task) -> dict[str, Any]:
+    """Ponder's body fields for the task: a code task's tests (for ``code_tests``), else the reference answer."""
+    return {"tests": list(task.tests)} if task.tests else {"reference": task.answer}
+
+
+async def grade(task: Task, text: str) -> tuple[bool, str | None]:
+    """Whether the completion answers the task, and what it answered.
+
+    A code task runs the completion's code against its tests in the sandbox the ``code_tests`` verifier uses,
+    so the harness and the server judge code the same way; correct means every test passed.
+    """
+    if not task.tests:
+        return answers_match(text, task.answer), extract_answer(text)
+    limits = Limits()
+    verdict = judge_run(await run_tests(extract_code(text), task.tests, limits), task.tests, limits)
+    passed = round(verdict.score * len(task.tests))
+    return passed == len(task.tests), f"{passed}/{len(task.tests)} tests passed"
 
 
 def generated_tokens(headers: Mapping[str, str], usage_completion_tokens: int | None) -> int:
@@ -430,7 +454,10 @@ def plot_accuracy_vs_tokens(summary: list[dict[str, Any]], path: Path, title: st
 
 def _task_set_name(config: EvalConfig) -> str:
     """Short name of the evaluated task set for file names and titles."""
-    name = Path(config.data).stem if config.data else f"{config.task_kind}-s{config.seed}"
+    if config.data:
+        name = Path(config.data).stem
+    else:
+        name = config.task_kind if config.task_kind in TASK_LOADERS else f"{config.task_kind}-s{config.seed}"
     return name if config.limit is None else f"{name}-first{config.limit}"
 
 

