@@ -200,3 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return loop_main(rest)
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+if __name__ == "__main__":  # `python -m server.cli` works like `python -m server`
+    raise SystemExit(main())
