@@ -86,7 +86,7 @@ def test_heads_trained_from_traces_serve_the_adaptive_strategy(tmp_path: Path) -
         http = httpx.Client(base_url=server.base_url, timeout=60)
         (model,) = [m.id for m in client.models.list()]
         listed = http.get("/strategies").json()
-        assert "adaptive" in {s["name"] for s in listed["strategies"]}
+        assert "adaptive" in {s["name"] for s in listed["data"]}
         assert next(v for v in listed["verifiers"] if v["name"] == "introspection")["available"]
 
         # the masked rows leave generation exactly as it was
