@@ -123,11 +123,13 @@ def add_routes(app: FastAPI) -> None:
 
     @app.get("/health")
     async def health(request: Request) -> Response:
+        engine = service_of(request).engine
         try:
-            await asyncio.wait_for(service_of(request).engine.check_health(), timeout=10)
+            await asyncio.wait_for(engine.check_health(), timeout=10)
         except (EngineDeadError, TimeoutError) as exc:
             return OpenAIError(503, f"engine unavailable: {exc}", code="engine_unavailable").response()
-        return JSONResponse({"status": "ok"})
+        details = engine.health_details() if hasattr(engine, "health_details") else {}  # a remote engine's upstreams
+        return JSONResponse({"status": "ok", **details})
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
