@@ -273,3 +273,20 @@ def trace_of(http: httpx.Client):
 @pytest.fixture
 def metrics(http: httpx.Client) -> Metrics:
     return Metrics(http)
+
+
+# ---------------------------------------------------------------------------------------------- ordering
+# Modules that start engines of their own (and stop them at their end) run before any test that uses the shared
+# `server`, so only one engine runs at a time. The first two sort first by name anyway.
+OWN_ENGINE_MODULES = ("test_adaptive_heads.py", "test_distill_round.py", "test_remote_upstream.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    positions = [k for k, item in enumerate(items) if item.path.parent == here]
+    ours = [items[k] for k in positions]
+    ordered = [i for i in ours if i.path.name in OWN_ENGINE_MODULES] + [
+        i for i in ours if i.path.name not in OWN_ENGINE_MODULES
+    ]
+    for k, item in zip(positions, ordered):
+        items[k] = item
