@@ -433,6 +433,7 @@ class RemoteEngine:
     async def _chunks(self, request_id: str, body: dict[str, Any]) -> AsyncIterator[Any]:
         """The upstream's stream of completion chunks. A call that cannot start is tried on each other live
         upstream; one that breaks off after it started is a 502 (its tokens are already out)."""
+        self._start_prober()
         tried: frozenset[str] = frozenset()
         while True:
             upstream = self.router.route(request_id, exclude=tried)
@@ -525,7 +526,8 @@ class RemoteEngine:
             self._prober = asyncio.get_running_loop().create_task(self._probe_down_upstreams())
 
     async def _probe_down_upstreams(self) -> None:
-        """Brings taken-out upstreams back: each is probed when its backoff runs out."""
+        """Brings taken-out upstreams back: each is probed when its backoff runs out (started by the first call
+        or health check, stopped by `shutdown`)."""
         while True:
             wait = self.router.next_probe_in()
             await asyncio.sleep(1.0 if wait is None else max(wait, 0.05))

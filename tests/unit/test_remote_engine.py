@@ -262,6 +262,24 @@ async def test_a_dead_upstream_is_taken_out_the_call_fails_over_and_it_comes_bac
     await engine.shutdown()
 
 
+async def test_a_background_probe_brings_a_taken_out_upstream_back_without_health_checks():
+    clock = FakeClock()
+    a, b = FakeUpstream("http://a/v1"), FakeUpstream("http://b/v1")
+    a.down = True
+    engine = remote_engine([a, b], clock)
+    await engine.generate([1], OPTIONS, 1, "tr-q-sample-1")
+    first = engine.router.upstreams[0]
+    assert first.down
+    a.down = False
+    clock.now += 1.0  # its backoff ran out
+    for _ in range(60):
+        if not first.down:
+            break
+        await asyncio.sleep(0.05)
+    assert not first.down
+    await engine.shutdown()
+
+
 async def test_all_upstreams_down_is_engine_dead():
     a = FakeUpstream("http://a/v1")
     a.down = True
