@@ -146,13 +146,16 @@ def add_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> Response:
         """Readiness: 503 while draining (a load balancer stops sending), or when the engine does not answer."""
-        if service_of(request).admission.draining:
+        service = service_of(request)
+        if service.admission.draining:
             return OpenAIError(503, "the server is shutting down", code="shutting_down").response()
+        engine = service.engine
         try:
-            await asyncio.wait_for(service_of(request).engine.check_health(), timeout=10)
+            await asyncio.wait_for(engine.check_health(), timeout=10)
         except (EngineDeadError, TimeoutError) as exc:
             return OpenAIError(503, f"engine unavailable: {exc}", code="engine_unavailable").response()
-        return JSONResponse({"status": "ok"})
+        details = engine.health_details() if hasattr(engine, "health_details") else {}  # a remote engine's upstreams
+        return JSONResponse({"status": "ok", **details})
 
     @app.get("/metrics", dependencies=[Depends(require_api_key_for_metrics)])
     async def metrics(request: Request) -> Response:

@@ -72,6 +72,31 @@ def add_ponder_args(parser: argparse.ArgumentParser) -> None:
     admission.add_argument(
         "--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds in-flight requests may take to finish"
     )
+    remote = parser.add_argument_group("Ponder remote upstreams (instead of the in-process engine)")
+    remote.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="an OpenAI-compatible server to sample from, e.g. http://host:8000/v1 (repeat for several); "
+        "--model then only supplies the tokenizer and chat template",
+    )
+    remote.add_argument(
+        "--upstream-kind",
+        choices=("auto", "vllm", "openai"),
+        default="auto",
+        help="vllm: token ids and vLLM's extra fields; openai: text prompts, no token-id or tracked log-prob "
+        "strategies; auto: vllm if the upstream's /models lists max_model_len",
+    )
+    remote.add_argument("--upstream-timeout", type=float, default=600.0, help="seconds one upstream call may take")
+    remote.add_argument(
+        "--upstream-max-retries", type=int, default=0, help="the openai client's retries of a call on one upstream"
+    )
+    remote.add_argument(
+        "--upstream-api-key-env",
+        default="PONDER_UPSTREAM_API_KEY",
+        help="environment variable holding the upstreams' API key (default: none sent)",
+    )
 
 
 def build_serve_parser() -> argparse.ArgumentParser:
@@ -108,7 +133,6 @@ def engine_args_from(args: argparse.Namespace, model_path: str, served_name: str
 
 
 def serve(argv: list[str]) -> int:
-    import uvicorn
 
     from server.app import create_app
     from server.prompt_rendering import HFPromptRenderer
@@ -123,10 +147,46 @@ def serve(argv: list[str]) -> int:
     if args.mask_secrets:
         install_log_masking(Redactor(mask=True, known_secrets=api_keys))
     resolved = resolve_model(args.model)
+    if args.upstream:
+        return serve_remote(args, resolved, log_level, api_keys)
     served_name = (args.served_model_name or [resolved.served_name])[0]
     engine_args = engine_args_from(args, str(resolved.path), served_name)
-    settings = ServerSettings(
-        model_path=str(resolved.path),
+    settings = settings_from(args, str(resolved.path), served_name, api_keys)
+    logger.info("API keys: %s", f"{len(api_keys)} configured" if api_keys else "none (every request is accepted)")
+    from server.strategy_selection import build_strategies
+
+    if settings.default_strategy not in build_strategies():
+        print(f"unknown --default-strategy {settings.default_strategy!r}", file=sys.stderr)
+        return 2
+    app = create_app(
+        settings,
+        engine_factory=lambda: VllmEngine.start(engine_args),
+        renderer_factory=lambda: HFPromptRenderer.from_model_dir(settings.model_path),
+    )
+    return run_draining(app, settings, log_level)
+
+
+def run_draining(app, settings: ServerSettings, log_level: str) -> int:
+    """uvicorn with SIGTERM draining (readiness 503, in-flight requests finish), then every child reaped."""
+    import uvicorn
+
+    from server.shutdown import DrainingServer, reap_children
+
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=5
+    )
+    try:
+        DrainingServer(config, drain_timeout_s=settings.drain_timeout_s).run()
+    finally:
+        reap_children()
+    return 0
+
+
+def settings_from(
+    args: argparse.Namespace, model_path: str, served_name: str, api_keys: tuple[str, ...]
+) -> ServerSettings:
+    return ServerSettings(
+        model_path=model_path,
         served_model_name=served_name,
         host=args.host,
         port=args.port,
@@ -147,27 +207,64 @@ def serve(argv: list[str]) -> int:
         max_queue_wait_s=args.max_queue_wait,
         drain_timeout_s=args.drain_timeout,
     )
-    logger.info("API keys: %s", f"{len(api_keys)} configured" if api_keys else "none (every request is accepted)")
+
+
+def serve_remote(args: argparse.Namespace, resolved, log_level: str, api_keys: tuple[str, ...]) -> int:
+    """`ponder serve --upstream URL ...`: no local engine; the model directory supplies tokenizer and template.
+
+    The served name and context come from the first upstream that answers GET /models (`--served-model-name`
+    and `--max-model-len` override them)."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from server.app import create_app
+    from server.introspection import IntrospectionHeads
+    from server.prompt_rendering import HFPromptRenderer
+    from server.remote_engine import RemoteEngine, discover_upstream
     from server.strategy_selection import build_strategies
 
+    api_key = os.environ.get(args.upstream_api_key_env) or "unused"
+    info, failures = None, []
+    for url in args.upstream:
+        try:
+            info = discover_upstream(url, api_key)
+            break
+        except Exception as exc:
+            failures.append(f"{url}: {exc}")
+    if info is None:
+        print(f"no upstream answered GET /models: {'; '.join(failures)}", file=sys.stderr)
+        return 2
+    kind = info.kind if args.upstream_kind == "auto" else args.upstream_kind
+    max_model_len = args.max_model_len or info.max_model_len
+    if not max_model_len:
+        print("the upstream does not list max_model_len: pass --max-model-len", file=sys.stderr)
+        return 2
+    served_name = (args.served_model_name or [info.model])[0]
+    settings = settings_from(args, str(resolved.path), served_name, api_keys)
     if settings.default_strategy not in build_strategies():
         print(f"unknown --default-strategy {settings.default_strategy!r}", file=sys.stderr)
         return 2
-    app = create_app(
-        settings,
-        engine_factory=lambda: VllmEngine.start(engine_args),
-        renderer_factory=lambda: HFPromptRenderer.from_model_dir(settings.model_path),
-    )
-    from server.shutdown import DrainingServer, reap_children
+    tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+    logger.info("upstreams %s (%s, model %s, context %d)", args.upstream, kind, info.model, max_model_len)
 
-    config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=5
-    )
-    try:
-        DrainingServer(config, drain_timeout_s=settings.drain_timeout_s).run()
-    finally:
-        reap_children()
-    return 0
+    def engine_factory() -> RemoteEngine:
+        return RemoteEngine.connect(
+            args.upstream,
+            api_key=api_key,
+            timeout_s=args.upstream_timeout,
+            max_retries=args.upstream_max_retries,
+            model_name=served_name,
+            upstream_model=info.model,
+            max_model_len=int(max_model_len),
+            kind=kind,
+            decode=lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False),
+            encode=lambda text: list(tokenizer.encode(text, add_special_tokens=False)),
+            introspection=IntrospectionHeads.load(settings.model_path),
+        )
+
+    app = create_app(settings, engine_factory=engine_factory, renderer_factory=lambda: HFPromptRenderer(tokenizer))
+    return run_draining(app, settings, log_level)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,31 @@ class EngineDeadError(RuntimeError):
     """The engine can no longer serve; the server answers 503 until it is restarted."""
 
 
+class UpstreamError(RuntimeError):
+    """A remote upstream refused or broke off one call (the server answers 502); the engine itself still serves."""
+
+
+# What an engine can do beyond sampling text. The in-process engine does all of it; a plain OpenAI-style
+# upstream returns neither generated token ids (continuing a partial answer by ids) nor chosen ids' log-probs.
+TOKEN_IDS = "token_ids"  # exact generated ids: a partial answer is continued by appending them (tree search)
+TRACKED_LOGPROBS = "tracked_logprobs"  # SamplingOptions.logprob_token_ids (yes/no judges, introspection)
+PROMPT_LOGPROBS = "prompt_logprobs"
+ALL_CAPABILITIES = frozenset({TOKEN_IDS, TRACKED_LOGPROBS, PROMPT_LOGPROBS})
+
+
+def engine_capabilities(engine: object) -> frozenset[str]:
+    """An engine's `capabilities` attribute; engines without one (in-process vLLM, fakes) can do everything."""
+    return getattr(engine, "capabilities", ALL_CAPABILITIES)
+
+
+def missing_capabilities(required: frozenset[str], engine: object) -> str | None:
+    """Why `engine` cannot serve something that needs `required`, or None."""
+    missing = sorted(required - engine_capabilities(engine))
+    if not missing:
+        return None
+    return f"needs {' and '.join(missing)}, which this server's upstream does not return (a vLLM upstream does)"
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """Engine-independent sampling settings.

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.admission import AdmissionController, Ticket, request_cost
-from server.engine import Engine, EngineDeadError, GenerationDelta, SamplingOptions
+from server.engine import Engine, EngineDeadError, GenerationDelta, SamplingOptions, UpstreamError, missing_capabilities
 from server.errors import OpenAIError, invalid_request
 from server.metrics import PonderMetrics
 from server.prompt_rendering import PromptRenderer
@@ -256,7 +256,9 @@ class CompletionService:
         self.journal = journal
         self.metrics = metrics
         self.unavailable_verifiers = {
-            name: reason for name, verifier in verifiers.items() if (reason := verifier.unavailable_reason(engine))
+            name: reason
+            for name, verifier in verifiers.items()
+            if (reason := verifier.unavailable_reason(engine) or missing_capabilities(verifier.requires, engine))
         }
         # What option validation needs to know of the verifiers: fixed for the server's life, built once.
         self._verifier_context = {
@@ -322,6 +324,10 @@ class CompletionService:
             strategies=self.strategies,
             validation_context=self._validation_context(prompt),
         )
+        if missing := missing_capabilities(choice.strategy.requires, self.engine):
+            raise invalid_request(
+                f"strategy {choice.name!r} {missing}", param="strategy", code="unsupported_by_upstream"
+            )
         if not choice.strategy.returns_every_sample and body.n != 1:
             raise invalid_request(f"strategy {choice.name!r} returns one answer: ask with n=1", param="n")
         samples = choice.strategy.planned_samples(choice.options, body.n)
@@ -516,6 +522,8 @@ class CompletionService:
             return exc
         if isinstance(exc, EngineDeadError):
             return OpenAIError(503, str(exc), code="engine_dead")
+        if isinstance(exc, UpstreamError):
+            return OpenAIError(502, str(exc), code="upstream_error")
         if isinstance(exc, DeadlineExceeded):
             return OpenAIError(504, str(exc), code="deadline_exceeded")
         logger.exception("strategy failed", exc_info=exc)

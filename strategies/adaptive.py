@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from server.engine import Generation, SamplingOptions
+from server.engine import TOKEN_IDS, TRACKED_LOGPROBS, Generation, SamplingOptions
 from server.introspection import IntrospectionHeads
 from strategies.base import (
     Candidate,
@@ -408,6 +408,7 @@ class AdaptiveRun:
 class Adaptive(Strategy):
     name = "adaptive"
     description = "samples started, pruned, branched and stopped by the model's own predicted reward and cost"
+    requires = frozenset({TOKEN_IDS, TRACKED_LOGPROBS})  # forks samples by ids; reads the heads' log-probs
     Options = AdaptiveOptions
 
     async def run(self, ctx: StrategyContext, prompt: Prompt, options: AdaptiveOptions) -> Result:

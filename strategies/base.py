@@ -226,6 +226,8 @@ class Strategy(ABC):
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     # Whether the request's own `n` applies (one choice per sample) rather than one chosen answer.
     returns_every_sample: ClassVar[bool] = False
+    # Engine capabilities it relies on (server.engine: TOKEN_IDS, TRACKED_LOGPROBS); without them a request is a 400.
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
     async def run(self, ctx: StrategyContext, prompt: Prompt, options: StrategyOptions) -> Result: ...

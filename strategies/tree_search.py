@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from server.engine import Generation, SamplingOptions
+from server.engine import TOKEN_IDS, Generation, SamplingOptions
 from strategies import mcts
 from strategies.base import (
     BudgetExceeded,
@@ -285,6 +285,7 @@ def search_result(tree: Tree, options: TreeSearchOptions, stopped: str) -> Resul
 class TreeSearch(Strategy):
     name = "tree_search"
     description = "step-by-step search (beam, dvts or mcts) over partial answers valued by a verifier"
+    requires = frozenset({TOKEN_IDS})  # a step continues its node by appending the node's exact token ids
     Options = TreeSearchOptions
 
     async def run(self, ctx: StrategyContext, prompt: Prompt, options: TreeSearchOptions) -> Result:

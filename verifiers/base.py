@@ -28,6 +28,8 @@ class Verifier(ABC):
     description: ClassVar[str]
     needs_reference: ClassVar[bool] = False
     needs_tests: ClassVar[bool] = False
+    # Engine capabilities it relies on (server.engine: TOKEN_IDS, TRACKED_LOGPROBS); without them it is unavailable.
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
     async def score(self, ctx: StrategyContext, prompt: Prompt, generations: Sequence[Generation]) -> list[float]:

@@ -15,7 +15,7 @@ import asyncio
 import re
 from collections.abc import Sequence
 
-from server.engine import Generation, SamplingOptions
+from server.engine import TRACKED_LOGPROBS, Generation, SamplingOptions
 from strategies.base import Prompt, StrategyContext
 from verifiers.base import Verdict, Verifier, register_verifier
 from verifiers.self_judge import NO_WORDS, YES_WORDS, p_yes, single_token_ids
@@ -57,6 +57,7 @@ def parse_checklist(text: str, max_items: int = MAX_ITEMS) -> list[str]:
 class Checklist(Verifier):
     name = "checklist"
     description = "mean P(yes) of the serving model over a checklist of YES/NO questions it wrote for the prompt"
+    requires = frozenset({TRACKED_LOGPROBS})  # P(yes) per question, as the self-judge
 
     async def score(self, ctx: StrategyContext, prompt: Prompt, generations: Sequence[Generation]) -> list[float]:
         return [verdict.score for verdict in await self.verdicts(ctx, prompt, generations)]

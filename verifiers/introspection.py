@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from server.engine import Engine, Generation
+from server.engine import TRACKED_LOGPROBS, Engine, Generation
 from server.introspection import IntrospectionHeads
 from strategies.base import Prompt, StrategyContext
 from verifiers.base import Verifier, register_verifier
@@ -40,6 +40,7 @@ async def final_joint_logprobs(ctx: StrategyContext, prompt: Prompt, generation:
 class Introspection(Verifier):
     name = "introspection"
     description = "the model's own expected final reward, from its introspection heads (no extra engine pass)"
+    requires = frozenset({TRACKED_LOGPROBS})
 
     def unavailable_reason(self, engine: Engine) -> str | None:
         return None if getattr(engine, "introspection", None) is not None else NO_HEADS

@@ -11,7 +11,7 @@ import asyncio
 import math
 from collections.abc import Sequence
 
-from server.engine import Generation
+from server.engine import TRACKED_LOGPROBS, Generation
 from strategies.base import Prompt, StrategyContext
 from verifiers.base import Verifier, register_verifier
 
@@ -41,6 +41,7 @@ def p_yes(logprobs: dict[int, float], yes_ids: Sequence[int], no_ids: Sequence[i
 class SelfJudge(Verifier):
     name = "self_judge"
     description = "the serving model's own P(yes) that the candidate answers the question correctly"
+    requires = frozenset({TRACKED_LOGPROBS})  # P(yes) read from the judge token's log-probs
 
     async def score(self, ctx: StrategyContext, prompt: Prompt, generations: Sequence[Generation]) -> list[float]:
         yes_ids = single_token_ids(ctx.encode, YES_WORDS)
