@@ -3,6 +3,7 @@ engine. Readiness turns 503, the request in flight finishes, the journal is seal
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import httpx
 
-from server.shutdown import reap_children
 from server.trace_journal import read_records
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,22 +94,46 @@ def test_sigterm_drains_the_request_in_flight_then_exits(tmp_path):
     assert not list((tmp_path / "traces").glob("*.active.jsonl"))  # sealed on the way out
 
 
+def run_isolated(code: str) -> dict:
+    """Run `code` in a fresh interpreter and return the JSON it prints last. reap_children ends every child of
+    the process that calls it: called in pytest's own process it would also end servers the same session owns
+    (the integration suite's shared server, when `pytest tests` runs both suites)."""
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def test_reap_children_terminates_what_is_left():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    stubborn = subprocess.Popen(
-        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"]
+    outcome = run_isolated(
+        """
+import json, signal, subprocess, sys, time
+from server.shutdown import reap_children
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+stubborn = subprocess.Popen(
+    [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"]
+)
+time.sleep(0.3)  # let the second one install its handler
+killed = reap_children(grace_s=1)
+child.wait(timeout=5)  # both gone (psutil reaped them, so Popen sees no status of its own)
+stubborn.wait(timeout=5)
+print(json.dumps({"killed": killed, "stubborn": stubborn.pid}))
+"""
     )
-    time.sleep(0.3)  # let the second one install its handler
-    killed = reap_children(grace_s=1)
-    assert killed == [stubborn.pid]
-    child.wait(timeout=5)  # both gone (psutil reaped them, so Popen sees no status of its own)
-    stubborn.wait(timeout=5)
+    assert outcome["killed"] == [outcome["stubborn"]]
 
 
 def test_reap_children_leaves_the_resource_tracker_to_exit_by_itself():
-    from multiprocessing import resource_tracker
-
-    resource_tracker.ensure_running()  # a child that ignores SIGTERM and exits when we do
-    tracker_pid = resource_tracker._resource_tracker._pid
-    assert reap_children(grace_s=1) == []
-    os.kill(tracker_pid, 0)  # still alive: it exits once this process's end of its pipe closes
+    outcome = run_isolated(
+        """
+import json, os
+from multiprocessing import resource_tracker
+from server.shutdown import reap_children
+resource_tracker.ensure_running()  # a child that ignores SIGTERM and exits when we do
+tracker_pid = resource_tracker._resource_tracker._pid
+killed = reap_children(grace_s=1)
+os.kill(tracker_pid, 0)  # still alive: it exits once this process's end of its pipe closes
+print(json.dumps({"killed": killed}))
+"""
+    )
+    assert outcome["killed"] == []
