@@ -38,10 +38,9 @@ from strategies.base import (
     StrategyContext,
     StrategyOptions,
     argmax,
-    cap_from_context,
     register_strategy,
 )
-from strategies.options import search_temperature
+from strategies.options import max_samples_within_cap, search_temperature
 from strategies.tree_search import value_weighted_vote
 from verifiers.answer_extraction import extract_answer, normalize_answer
 from verifiers.introspection import NO_HEADS
@@ -67,12 +66,7 @@ class AdaptiveOptions(StrategyOptions):
     @field_validator("max_samples")
     @classmethod
     def within_cap(cls, value: int | None, info: ValidationInfo) -> int | None:
-        cap = cap_from_context(info, "max_samples")
-        if value is not None and cap is not None and value > cap:
-            raise ValueError(f"max_samples={value} is over this server's cap of {cap} samples per request")
-        if value is None:
-            return 8 if cap is None else min(8, cap)
-        return value
+        return max_samples_within_cap(value, info, default=8)
 
     @model_validator(mode="after")
     def needs_heads(self, info: ValidationInfo) -> AdaptiveOptions:

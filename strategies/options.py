@@ -24,6 +24,18 @@ class SampledOptions(StrategyOptions):
         return n
 
 
+def max_samples_within_cap(value: int | None, info: ValidationInfo, default: int | None = None) -> int | None:
+    """A search's total sample option: refused over the server's cap; when absent, `default` (capped) or the cap."""
+    cap = cap_from_context(info, "max_samples")
+    if value is not None and cap is not None and value > cap:
+        raise ValueError(f"max_samples={value} is over this server's cap of {cap} samples per request")
+    if value is not None:
+        return value
+    if default is None:
+        return cap
+    return default if cap is None else min(default, cap)
+
+
 def check_verifier_name(name: str, info: ValidationInfo) -> str:
     """A verifier option must name a registered verifier; one that needs a reference needs the request to have one."""
     context = info.context or {}

@@ -33,7 +33,7 @@ from strategies.base import (
     cap_from_context,
     register_strategy,
 )
-from strategies.options import check_verifier_name, search_temperature
+from strategies.options import check_verifier_name, max_samples_within_cap, search_temperature
 from verifiers.answer_extraction import extract_answer, normalize_answer
 
 MAX_NODE_CHARS = 300  # of a step's text in the trace's tree; the candidates carry every finished answer in full
@@ -68,10 +68,7 @@ class TreeSearchOptions(StrategyOptions):
     @field_validator("max_samples")
     @classmethod
     def within_cap(cls, value: int | None, info: ValidationInfo) -> int | None:
-        cap = cap_from_context(info, "max_samples")
-        if value is not None and cap is not None and value > cap:
-            raise ValueError(f"max_samples={value} is over this server's cap of {cap} samples per request")
-        return cap if value is None else value
+        return max_samples_within_cap(value, info)
 
     @model_validator(mode="after")
     def one_round_fits(self, info: ValidationInfo) -> TreeSearchOptions:
