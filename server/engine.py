@@ -104,6 +104,9 @@ class GenerationDelta:
     finish_reason: str | None = None
 
 
+SampleSink = Callable[[int, Generation], None]
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What a backend must offer. Every call takes a caller-chosen `request_id` so it can be aborted."""
@@ -121,11 +124,14 @@ class Engine(Protocol):
         n: int,
         request_id: str,
         on_tokens: Callable[[int], None] | None = None,
+        on_sample: SampleSink | None = None,
     ) -> list[Generation]:
         """n samples of the continuation of `prompt_ids` (a prefix to continue is simply part of it).
 
         `on_tokens` hears how many tokens were generated as they arrive, so a call cancelled halfway is still
-        accounted for."""
+        accounted for. `on_sample(index, generation)` hears of each sample as soon as it finishes and, if the
+        call is cancelled, of each unfinished one as it stood (finish_reason "abort"): what a request whose
+        deadline passed can still answer with."""
         ...
 
     def stream(

@@ -60,6 +60,12 @@ class PonderMetrics:
             ["reason"],
             registry=r,
         )
+        self.deadline_exceeded = Counter(
+            "ponder_deadline_exceeded",
+            "Requests whose deadline passed: answered with the best so far, or a 504",
+            ["strategy", "outcome"],
+            registry=r,
+        )
         self.queued = Gauge("ponder_queued_requests", "Requests waiting for admission now", registry=r)
         self.admitted_cost = Gauge(
             "ponder_admitted_cost_tokens", "Cost (samples x max_tokens) of the requests admitted now", registry=r

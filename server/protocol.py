@@ -69,6 +69,8 @@ class SamplingFields(TolerantModel):
     strategy: str | dict[str, Any] | None = None
     reference: str | None = None
     tests: list[str] | None = None  # checks a verifier may run on candidates (e.g. code_tests)
+    deadline_s: float | None = Field(None, gt=0, description="seconds this request may take (strategies/deadline.py)")
+    on_deadline: Literal["error", "best_so_far"] = "error"
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -34,6 +34,7 @@ from server.engine import (
     EngineDeadError,
     Generation,
     GenerationDelta,
+    SampleSink,
     SamplingOptions,
     UpstreamError,
 )
@@ -282,6 +283,7 @@ class SampleParts:
     logprob: float = 0.0
     tracked: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str = "abort"
+    finished: bool = False
 
     def add(self, piece: ChoicePiece) -> None:
         self.texts.append(piece.text)
@@ -290,6 +292,7 @@ class SampleParts:
         self.tracked.extend(piece.tracked)
         if piece.finish_reason:
             self.finish_reason = piece.finish_reason
+            self.finished = True
 
     def generation(self) -> Generation:
         return Generation(
@@ -393,13 +396,23 @@ class RemoteEngine:
         n: int,
         request_id: str,
         on_tokens: Callable[[int], None] | None = None,
+        on_sample: SampleSink | None = None,
     ) -> list[Generation]:
         samples = [SampleParts() for _ in range(n)]
-        async with contextlib.aclosing(self._pieces(prompt_ids, options, n, request_id)) as pieces:
-            async for piece in pieces:
-                samples[piece.index].add(piece)
-                if on_tokens is not None and piece.token_ids:
-                    on_tokens(len(piece.token_ids))
+        try:
+            async with contextlib.aclosing(self._pieces(prompt_ids, options, n, request_id)) as pieces:
+                async for piece in pieces:
+                    samples[piece.index].add(piece)
+                    if on_tokens is not None and piece.token_ids:
+                        on_tokens(len(piece.token_ids))
+                    if on_sample is not None and piece.finish_reason:
+                        on_sample(piece.index, samples[piece.index].generation())
+        except asyncio.CancelledError:
+            if on_sample is not None:
+                for index, sample in enumerate(samples):
+                    if not sample.finished:
+                        on_sample(index, sample.generation())
+            raise
         return [sample.generation() for sample in samples]
 
     async def stream(

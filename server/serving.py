@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from server.settings import ServerSettings
 from server.strategy_selection import StrategyChoice, choose_strategy
 from server.trace_journal import TraceJournal, new_trace_id, request_record
 from strategies.base import Budget, DeadlineExceeded, Prompt, Result, Strategy, StrategyContext
+from strategies.deadline import ON_DEADLINE_CHOICES, OnDeadline, best_so_far
 from verifiers.answer_extraction import extract_answer
 from verifiers.base import Verifier
 from verifiers.reference import reference_scores
@@ -68,7 +70,9 @@ COMPLETION = ResponseShape("completions", "text_completion", "text_completion", 
 
 
 def finish_reason_for_client(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
+    """OpenAI's two reasons: "stop" for an answer that ended, "length" for one cut short (by max_tokens, or by
+    the request's deadline: "abort")."""
+    return "stop" if reason == "stop" else "length"
 
 
 def usage_body(prompt_tokens: int, completion_tokens: int, returned_tokens: int) -> dict[str, Any]:
@@ -150,6 +154,37 @@ def resolve_max_tokens(
     return requested
 
 
+def resolve_deadline(
+    header_seconds: str | None,
+    header_on_deadline: str | None,
+    body: SamplingFields,
+    server_timeout_s: float | None,
+) -> tuple[float | None, OnDeadline]:
+    """(seconds the request may take, what to do when they are up). The header wins over the body, as for the
+    strategy; the server's own `request_timeout_s` caps both."""
+    seconds = body.deadline_s
+    if header_seconds is not None:
+        try:
+            seconds = float(header_seconds)
+        except ValueError:
+            seconds = -1.0
+        if not (seconds > 0 and math.isfinite(seconds)):
+            raise invalid_request(
+                f"X-Deadline must be a positive number of seconds, got {header_seconds!r}", param="X-Deadline"
+            )
+    on_deadline = body.on_deadline
+    if header_on_deadline is not None:
+        if header_on_deadline not in ON_DEADLINE_CHOICES:
+            raise invalid_request(
+                f"X-On-Deadline must be one of {', '.join(ON_DEADLINE_CHOICES)}, got {header_on_deadline!r}",
+                param="X-On-Deadline",
+            )
+        on_deadline = header_on_deadline
+    if server_timeout_s is not None:
+        seconds = server_timeout_s if seconds is None else min(seconds, server_timeout_s)
+    return seconds, on_deadline
+
+
 # ---------------------------------------------------------------------------------------------- disconnects
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"; nobody reads it
 
@@ -220,6 +255,7 @@ class PreparedRequest:
     trace_id: str
     request_id: str
     model: str
+    on_deadline: OnDeadline = "error"
     started: float = field(default_factory=time.monotonic)
     arrived: float = field(default_factory=time.time)
 
@@ -228,6 +264,8 @@ class PreparedRequest:
         if result is not None:
             headers["X-Samples"] = str(self.context.samples_drawn)
             headers["X-Generated-Tokens"] = str(self.context.generated_tokens)
+            if "deadline" in result.details:
+                headers["X-Deadline-Exceeded"] = "best_so_far"
         return headers
 
 
@@ -364,7 +402,13 @@ class CompletionService:
         )
         trace_id = new_trace_id()
         request_id = request.headers.get("x-request-id") or trace_id
-        deadline = time.monotonic() + self.settings.request_timeout_s if self.settings.request_timeout_s else None
+        seconds, on_deadline = resolve_deadline(
+            request.headers.get("x-deadline"),
+            request.headers.get("x-on-deadline"),
+            body,
+            self.settings.request_timeout_s,
+        )
+        deadline = time.monotonic() + seconds if seconds is not None else None
         context = StrategyContext(
             engine=self.engine,
             verifiers=self.verifiers,
@@ -374,7 +418,9 @@ class CompletionService:
             render_chat=self.renderer.chat_ids,
             encode=self.renderer.encode,
         )
-        return PreparedRequest(shape, body, prompt, choice, context, trace_id, request_id, self.engine.model_name)
+        return PreparedRequest(
+            shape, body, prompt, choice, context, trace_id, request_id, self.engine.model_name, on_deadline
+        )
 
     def _validation_context(self, prompt: Prompt) -> dict[str, Any]:
         return {
@@ -425,7 +471,20 @@ class CompletionService:
         return JSONResponse(self._response_body(prepared, result), headers=prepared.headers(result))
 
     async def _run(self, prepared: PreparedRequest) -> Result:
-        return await prepared.choice.strategy.run(prepared.context, prepared.prompt, prepared.choice.options)
+        strategy = prepared.choice.strategy
+        try:
+            return await strategy.run(prepared.context, prepared.prompt, prepared.choice.options)
+        except DeadlineExceeded as exc:
+            result = None
+            if prepared.on_deadline == "best_so_far":
+                result = best_so_far(prepared.context, strategy.returns_every_sample)
+            outcome = "best_so_far" if result is not None else "error"
+            self.metrics.deadline_exceeded.labels(prepared.choice.name, outcome).inc()
+            if result is not None:
+                return result
+            if prepared.on_deadline == "best_so_far":
+                raise DeadlineExceeded(f"{exc}, before the strategy had drawn any answer") from exc
+            raise
 
     async def _stream(self, prepared: PreparedRequest, request: Request) -> AsyncIterator[str]:
         shape, name = prepared.shape, prepared.choice.name
@@ -454,6 +513,7 @@ class CompletionService:
         task = asyncio.create_task(self._run(prepared))
         task.add_done_callback(lambda _: queue.put_nowait(None))
         status, error_message, result = "cancelled", "client went away", None
+        finished: set[int] = set()  # choice indices whose finish_reason went out
         try:
             n_choices = prepared.body.n if prepared.choice.strategy.returns_every_sample else 1
             if shape is CHAT:
@@ -467,6 +527,8 @@ class CompletionService:
                 if item is None:
                     break
                 reason = finish_reason_for_client(item.finish_reason) if item.finish_reason else None
+                if reason:
+                    finished.add(item.index)
                 if item.text or reason:
                     yield chunk([shape.chunk_choice(item.index, item.text, reason)])
             try:
@@ -477,10 +539,17 @@ class CompletionService:
                 yield error.sse_event()
                 yield "data: [DONE]\n\n"
                 return
+            if "deadline" in result.details:
+                yield ": deadline exceeded: the best answer so far follows\n\n"
             if not result.streamed:
                 chosen = result.the_one.generation
                 yield chunk([shape.chunk_choice(0, chosen.text, None)])
                 yield chunk([shape.chunk_choice(0, None, finish_reason_for_client(chosen.finish_reason))])
+            else:  # samples the deadline cut mid-stream have had no finish_reason yet
+                for k, i in enumerate(result.chosen):
+                    if k not in finished:
+                        reason = finish_reason_for_client(result.candidates[i].generation.finish_reason)
+                        yield chunk([shape.chunk_choice(k, None, reason)])
             options = prepared.body.stream_options
             if options is not None and options.include_usage:
                 yield chunk([], self._usage(prepared, result))

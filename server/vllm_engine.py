@@ -6,6 +6,7 @@ run under an `if __name__ == "__main__":` guard (the `ponder` command does).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import os
@@ -14,7 +15,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
-from server.engine import EngineDeadError, Generation, GenerationDelta, SamplingOptions
+from server.engine import EngineDeadError, Generation, GenerationDelta, SampleSink, SamplingOptions
 from server.introspection import MASK_BIAS, IntrospectionHeads
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ class SampleAccumulator:
         self.token_ids: list[int] = []
         self.positions: list[dict] = []  # vLLM's {token_id: Logprob} per generated token
         self.finish_reason = "abort"
+        self.finished = False
 
     def add(self, output: CompletionOutput) -> None:
         self.texts.append(output.text)
@@ -89,6 +91,7 @@ class SampleAccumulator:
         self.positions.extend(output.logprobs or [])
         if output.finish_reason:
             self.finish_reason = output.finish_reason
+            self.finished = True
 
     def generation(self, tracked_ids: Sequence[int]) -> Generation:
         pairs = list(zip(self.token_ids, self.positions))
@@ -176,18 +179,29 @@ class VllmEngine:
         n: int,
         request_id: str,
         on_tokens: Callable[[int], None] | None = None,
+        on_sample: SampleSink | None = None,
     ) -> list[Generation]:
         from vllm.sampling_params import RequestOutputKind
 
         # Deltas rather than one final output: the caller hears of every token, even of a call it cancels.
         params = to_sampling_params(options, n, RequestOutputKind.DELTA, self._masked_ids)
         samples = [SampleAccumulator() for _ in range(n)]
-        async for out in self._iterate(prompt_ids, params, request_id):
-            for output in out.outputs:
-                samples[output.index].add(output)
-                if on_tokens is not None and output.token_ids:
-                    on_tokens(len(output.token_ids))
-        return [sample.generation(options.logprob_token_ids) for sample in samples]
+        tracked = options.logprob_token_ids
+        try:
+            async for out in self._iterate(prompt_ids, params, request_id):
+                for output in out.outputs:
+                    samples[output.index].add(output)
+                    if on_tokens is not None and output.token_ids:
+                        on_tokens(len(output.token_ids))
+                    if on_sample is not None and output.finish_reason:
+                        on_sample(output.index, samples[output.index].generation(tracked))
+        except asyncio.CancelledError:
+            if on_sample is not None:
+                for index, sample in enumerate(samples):
+                    if not sample.finished:
+                        on_sample(index, sample.generation(tracked))
+            raise
+        return [sample.generation(tracked) for sample in samples]
 
     async def stream(
         self, prompt_ids: Sequence[int], options: SamplingOptions, n: int, request_id: str

@@ -407,6 +407,7 @@ class Adaptive(Strategy):
 
     async def run(self, ctx: StrategyContext, prompt: Prompt, options: AdaptiveOptions) -> Result:
         run = AdaptiveRun(ctx, prompt, options)
+        ctx.snapshot = lambda: run.result("deadline")  # the paths as they stand, if time runs out
         stopped = await run.run()
         return run.result(stopped)
 

@@ -93,6 +93,22 @@ class DeadlineExceeded(BudgetExceeded):
     """The request's deadline passed."""
 
 
+@dataclass(frozen=True)
+class AnswerSoFar:
+    """A whole answer a strategy has drawn (or, cut by the deadline, the start of one): what a request whose
+    deadline passed can still be answered with when it asked for the best answer so far."""
+
+    index: int  # the sample's index within its engine call: the choice order of `single`
+    generation: Generation
+    score: float | None = None  # the strategy's own value of it, when it has one
+    streamed: bool = False  # its text already went to the client token by token
+
+    @property
+    def complete(self) -> bool:
+        """The engine finished it (a stop, or max_tokens), rather than the deadline cutting it."""
+        return self.generation.finish_reason in ("stop", "length")
+
+
 DeltaSink = Callable[[GenerationDelta], Awaitable[None]]
 # Engine calls whose samples count against Budget.max_samples. Others ("continue" a sample, "judge", "probe")
 # still count every token they generate.
@@ -113,6 +129,10 @@ class StrategyContext:
     on_delta: DeltaSink | None = None  # set when the client asked for a stream
     calls: list[EngineCall] = field(default_factory=list)
     samples_drawn: int = 0
+    # For a deadline: whole answers drawn so far, and the strategy's own way to build its result from what it
+    # has (search trees, adaptive paths); see strategies/deadline.py.
+    answers_so_far: list[AnswerSoFar] = field(default_factory=list)
+    snapshot: Callable[[], Result] | None = None
     _call_counter: int = 0
 
     @property
@@ -137,10 +157,25 @@ class StrategyContext:
         if left is not None and left <= 0:
             raise DeadlineExceeded("the request's deadline has passed")
 
+    def offer_answer(
+        self, index: int, generation: Generation, score: float | None = None, *, streamed: bool = False
+    ) -> None:
+        """Keep `generation` as a whole answer the request could return if its deadline passes."""
+        self.answers_so_far.append(AnswerSoFar(index, generation, score, streamed))
+
     async def sample(
-        self, prompt_ids: Sequence[int], n: int, options: SamplingOptions | None = None, kind: str = "sample"
+        self,
+        prompt_ids: Sequence[int],
+        n: int,
+        options: SamplingOptions | None = None,
+        kind: str = "sample",
+        *,
+        answers: bool = False,
     ) -> list[Generation]:
-        """n samples from the engine, recorded and counted against the budget."""
+        """n samples from the engine, recorded and counted against the budget.
+
+        With `answers`, each sample is a whole answer to the request (not a step, a judge's verdict or a
+        probe): it is kept in `answers_so_far` as it finishes, or as it stood when the deadline cut the call."""
         options = options or self.sampling
         self._reserve(n, kind)
         started = time.monotonic()
@@ -151,7 +186,14 @@ class StrategyContext:
 
         try:
             generations = await _with_deadline(
-                self.engine.generate(prompt_ids, options, n, self.next_request_id(kind), on_tokens=count),
+                self.engine.generate(
+                    prompt_ids,
+                    options,
+                    n,
+                    self.next_request_id(kind),
+                    on_tokens=count,
+                    on_sample=self.offer_answer if answers else None,
+                ),
                 self.budget,
             )
             produced[0] = sum(g.num_tokens for g in generations)
@@ -162,7 +204,7 @@ class StrategyContext:
     async def stream_samples(
         self, prompt_ids: Sequence[int], n: int, options: SamplingOptions | None = None
     ) -> list[Generation]:
-        """Like `sample`, but each new piece of text goes to the client as it is generated."""
+        """Like `sample` with `answers`, but each new piece of text goes to the client as it is generated."""
         assert self.on_delta is not None, "stream_samples needs a streaming request"
         options = options or self.sampling
         self._reserve(n, "stream")
@@ -182,6 +224,9 @@ class StrategyContext:
                             finish[delta.index] = delta.finish_reason
                         await self.on_delta(delta)
         except TimeoutError as exc:
+            for i in range(n):  # what the client has seen of each sample: the answers so far
+                generation = Generation("".join(texts[i]), tuple(tokens[i]), finish[i], logprobs[i])
+                self.offer_answer(i, generation, streamed=True)
             raise DeadlineExceeded("the request's deadline passed while streaming") from exc
         finally:
             generated = sum(len(t) for t in tokens)

@@ -30,7 +30,7 @@ class BestOfN(Strategy):
 
     async def run(self, ctx: StrategyContext, prompt: Prompt, options: BestOfNOptions) -> Result:
         sampling = ctx.sampling.replace(temperature=search_temperature(options.temperature, ctx.sampling.temperature))
-        generations = await ctx.sample(prompt.token_ids, options.n, sampling)
+        generations = await ctx.sample(prompt.token_ids, options.n, sampling, answers=True)
         scores = await ctx.score(options.verifier, prompt, generations)
         candidates = tuple(
             Candidate(i, g, scores={options.verifier: s}) for i, (g, s) in enumerate(zip(generations, scores))

@@ -122,14 +122,15 @@ async def verdict_on(ctx: StrategyContext, prompt: Prompt, answer: Generation, v
 
 
 async def reply(
-    ctx: StrategyContext, messages: Sequence[Mapping[str, Any]], options: SamplingOptions
+    ctx: StrategyContext, messages: Sequence[Mapping[str, Any]], options: SamplingOptions, *, answer: bool = False
 ) -> Generation | None:
-    """The model's next turn in a chat, or None when the chat leaves it no room in the context window."""
+    """The model's next turn in a chat, or None when the chat leaves it no room in the context window.
+    With `answer`, the turn is a new answer to the request (a revision), not a review."""
     ids = ctx.render_chat(messages)
     room = min(options.max_tokens, ctx.engine.max_model_len - len(ids))
     if room < 1:
         return None
-    (turn,) = await ctx.sample(ids, 1, options.replace(max_tokens=room))
+    (turn,) = await ctx.sample(ids, 1, options.replace(max_tokens=room), answers=answer)
     return turn
 
 
@@ -172,7 +173,7 @@ class Reflection(Strategy):
 
     async def run(self, ctx: StrategyContext, prompt: Prompt, options: ReflectionOptions) -> Result:
         conversation = list(prompt.messages or ({"role": "user", "content": prompt.question},))
-        (answer,) = await ctx.sample(prompt.token_ids, 1)
+        (answer,) = await ctx.sample(prompt.token_ids, 1, answers=True)
         answers: list[Generation] = [answer]
         scores: list[float | None] = []
         rounds: list[dict[str, Any]] = []
@@ -193,7 +194,9 @@ class Reflection(Strategy):
             if source == "model" and says_correct(feedback):
                 stopped = "feedback_correct"
                 break
-            revision = await reply(ctx, revision_messages(conversation, answer.text, feedback), ctx.sampling)
+            revision = await reply(
+                ctx, revision_messages(conversation, answer.text, feedback), ctx.sampling, answer=True
+            )
             if revision is None:
                 stopped = "context_full"
                 break

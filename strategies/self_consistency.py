@@ -53,7 +53,7 @@ class SelfConsistency(Strategy):
 
     async def run(self, ctx: StrategyContext, prompt: Prompt, options: SelfConsistencyOptions) -> Result:
         sampling = ctx.sampling.replace(temperature=search_temperature(options.temperature, ctx.sampling.temperature))
-        generations = await ctx.sample(prompt.token_ids, options.n, sampling)
+        generations = await ctx.sample(prompt.token_ids, options.n, sampling, answers=True)
         raw_answers = [extract_answer(g.text) for g in generations]
         answers = [normalize_answer(a) if a is not None else None for a in raw_answers]
         tie_scores = await ctx.score(options.tie_break, prompt, generations)

@@ -19,6 +19,6 @@ class Single(Strategy):
         if ctx.streaming:
             generations = await ctx.stream_samples(prompt.token_ids, n)
         else:
-            generations = await ctx.sample(prompt.token_ids, n)
+            generations = await ctx.sample(prompt.token_ids, n, answers=True)
         candidates = tuple(Candidate(i, g) for i, g in enumerate(generations))
         return Result(candidates, chosen=tuple(range(n)), streamed=ctx.streaming)

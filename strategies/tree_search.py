@@ -287,6 +287,7 @@ class TreeSearch(Strategy):
 
     async def run(self, ctx: StrategyContext, prompt: Prompt, options: TreeSearchOptions) -> Result:
         tree = Tree(ctx, prompt, options)
+        ctx.snapshot = lambda: search_result(tree, options, "deadline")  # the tree as it stands, if time runs out
         search = mcts.mcts_search if options.mode == "mcts" else beam_search
         stopped = await search(tree, options)
         return search_result(tree, options, stopped)

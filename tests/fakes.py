@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from server.engine import EngineDeadError, Generation, GenerationDelta, SamplingOptions
+from server.engine import EngineDeadError, Generation, GenerationDelta, SampleSink, SamplingOptions
 from server.introspection import IntrospectionHeads
 
 # ----------------------------------------------------------------------------------------------- tokenizer
@@ -195,6 +195,7 @@ class ScriptedEngine:
         n: int,
         request_id: str,
         on_tokens: Callable[[int], None] | None = None,
+        on_sample: SampleSink | None = None,
     ) -> list[Generation]:
         generations = self._answer("generate", prompt_ids, options, n, request_id)
         if on_tokens is not None:  # a real engine reports tokens as they come; here all at once, before any delay
@@ -204,8 +205,14 @@ class ScriptedEngine:
                 await asyncio.sleep(self.delay_s)
             except asyncio.CancelledError:
                 self.aborted.append(request_id)  # as vLLM does when its caller is cancelled
+                if on_sample is not None:  # cut halfway: the first half of each sample's tokens, unfinished
+                    for i, g in enumerate(generations):
+                        on_sample(i, first_half(g))
                 raise
         self.generated_tokens += sum(g.num_tokens for g in generations)
+        if on_sample is not None:
+            for i, g in enumerate(generations):
+                on_sample(i, g)
         return generations
 
     async def stream(
@@ -282,6 +289,14 @@ def truncate(generation: Generation, max_tokens: int) -> Generation:
     ids = generation.token_ids[:max_tokens]
     logprob = generation.cumulative_logprob * max_tokens / generation.num_tokens
     return Generation(_RENDERER.decode(ids), ids, "length", logprob, generation.tracked_logprobs[:max_tokens])
+
+
+def first_half(generation: Generation) -> Generation:
+    """A sample cut halfway (its call cancelled): the first half of its tokens, finish_reason "abort"."""
+    keep = generation.num_tokens // 2
+    ids = generation.token_ids[:keep]
+    logprob = generation.cumulative_logprob * keep / max(1, generation.num_tokens)
+    return Generation(_RENDERER.decode(ids), ids, "abort", logprob, generation.tracked_logprobs[:keep])
 
 
 def split_into_deltas(
