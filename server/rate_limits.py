@@ -152,7 +152,6 @@ class RateLimitGrant:
     """What one request took from its client's buckets; `give_back()` is idempotent and never awaits."""
 
     limiter: RateLimiter | None
-    identity: str
     buckets: dict[LimitKind, TokenBucket] = field(default_factory=dict)
     amounts: dict[LimitKind, int] = field(default_factory=dict)
     given_back: bool = False
@@ -168,7 +167,7 @@ class RateLimitGrant:
         return rate_limit_headers(self.buckets, self.limiter.clock())
 
 
-UNLIMITED = RateLimitGrant(limiter=None, identity="")
+UNLIMITED = RateLimitGrant(limiter=None)  # what every request gets when no limit is on
 
 
 class RateLimiter:
@@ -212,7 +211,7 @@ class RateLimiter:
             raise over_limit(binding, buckets[binding], amounts[binding], waits[binding], headers)
         for kind, bucket in buckets.items():
             bucket.take(amounts[kind], now)
-        return RateLimitGrant(self, identity, buckets, amounts)
+        return RateLimitGrant(self, buckets, amounts)
 
     def _give_back(self, grant: RateLimitGrant) -> None:
         now = self.clock()
