@@ -21,6 +21,7 @@ from server.errors import OpenAIError, install_error_handlers
 from server.metrics import PonderMetrics
 from server.prompt_rendering import PromptRenderer
 from server.protocol import ChatCompletionRequest, CompletionRequest, FeedbackRequest
+from server.rate_limits import RateLimitHeaders
 from server.redaction import Redactor
 from server.security import BodySizeLimit, digest, require_api_key, require_api_key_for_metrics
 from server.serving import CompletionService
@@ -74,6 +75,7 @@ def create_app(settings: ServerSettings, engine_factory: EngineFactory, renderer
     app = FastAPI(title="Ponder", version="0.1.0", lifespan=lifespan)
     app.state.api_key_digests = tuple(digest(key) for key in settings.api_keys)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RateLimitHeaders)
     install_error_handlers(app)
     add_routes(app)
     return app

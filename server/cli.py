@@ -60,6 +60,18 @@ def add_ponder_args(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="do not mask API keys, bearer tokens and sk-... keys in traces and logs",
     )
+    security.add_argument(
+        "--rate-limit-rpm",
+        type=int,
+        default=None,
+        help="requests per minute per API key (per client address without keys); default: no limit",
+    )
+    security.add_argument(
+        "--rate-limit-tpm",
+        type=int,
+        default=None,
+        help="tokens (samples x max_tokens) per minute per API key (or address); default: no limit",
+    )
     admission = parser.add_argument_group("Ponder admission control and shutdown")
     admission.add_argument(
         "--max-inflight-cost",
@@ -206,6 +218,8 @@ def settings_from(
         max_queued_requests=args.max_queued_requests,
         max_queue_wait_s=args.max_queue_wait,
         drain_timeout_s=args.drain_timeout,
+        rate_limit_requests_per_minute=args.rate_limit_rpm,
+        rate_limit_tokens_per_minute=args.rate_limit_tpm,
     )
 
 

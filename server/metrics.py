@@ -76,6 +76,13 @@ class PonderMetrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        # per-client rate limits (server/rate_limits.py); never labelled by client
+        self.rate_limited = Counter(
+            "ponder_rate_limited_requests",
+            "Requests refused by a per-client rate limit, by the limit that refused them: requests or tokens",
+            ["limit"],
+            registry=r,
+        )
         self.draining = Gauge("ponder_draining", "1 while the server drains after SIGTERM", registry=r)
 
     def exposition(self) -> bytes:

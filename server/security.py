@@ -29,6 +29,11 @@ def digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8")).digest()
 
 
+def key_label(key: str) -> str:
+    """A name for the key that is safe to keep in memory (rate limits are per key): 64 bits of its SHA-256."""
+    return "key:" + digest(key).hex()[:16]
+
+
 def key_matches(presented: str, key_digests: Iterable[bytes]) -> bool:
     """Constant time in the presented key and in which configured key matched."""
     presented_digest = digest(presented)
@@ -61,7 +66,8 @@ def unauthorized(message: str) -> OpenAIError:
 
 
 async def require_api_key(request: Request, credentials: BearerCredentials) -> None:
-    """A FastAPI dependency: passes when the server has no keys, or the request carries one of them."""
+    """A FastAPI dependency: passes when the server has no keys, or the request carries one of them (then its
+    `key_label` goes on `request.state.api_key_label`, the identity rate limits count against)."""
     key_digests: tuple[bytes, ...] = request.app.state.api_key_digests
     if not key_digests:
         return
@@ -69,6 +75,7 @@ async def require_api_key(request: Request, credentials: BearerCredentials) -> N
         raise unauthorized("missing API key: send it as 'Authorization: Bearer <key>'")
     if not key_matches(credentials.credentials, key_digests):
         raise unauthorized("incorrect API key provided")
+    request.state.api_key_label = key_label(credentials.credentials)
 
 
 async def require_api_key_for_metrics(request: Request, credentials: BearerCredentials) -> None:

@@ -26,6 +26,7 @@ from server.errors import OpenAIError, invalid_request
 from server.metrics import PonderMetrics
 from server.prompt_rendering import PromptRenderer
 from server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.rate_limits import RateLimiter, client_identity
 from server.redaction import Redactor
 from server.settings import ServerSettings
 from server.strategy_selection import StrategyChoice, choose_strategy
@@ -281,10 +282,14 @@ class CompletionService:
         metrics: PonderMetrics,
         admission: AdmissionController | None = None,
         redactor: Redactor | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.settings = settings
         self.admission = admission or AdmissionController(
             settings.max_inflight_cost, settings.max_queued_requests, settings.max_queue_wait_s, metrics
+        )
+        self.rate_limiter = rate_limiter or RateLimiter(
+            settings.rate_limit_requests_per_minute, settings.rate_limit_tokens_per_minute, metrics=metrics
         )
         self.redactor = redactor or Redactor(settings.trace_content, settings.mask_secrets, settings.api_keys)
         self.engine = engine
@@ -437,10 +442,16 @@ class CompletionService:
         prepared = self._prepare(shape, body, prompt, request, effort)
         budget = prepared.context.budget
         cost = request_cost(budget.max_samples, budget.max_tokens)
+        grant = self.rate_limiter.take(client_identity(request), cost)  # a 429 here never queues
+        request.state.rate_limit_grant = grant  # its x-ratelimit-* headers go on the response (RateLimitHeaders)
         try:  # a client that leaves while queued frees its place
             ticket = await until_disconnected(request, self.admission.admit(cost))
         except ClientDisconnected:
+            grant.give_back()
             return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except BaseException:  # refused by admission (429/503): it never ran, so its client may spend it again
+            grant.give_back()
+            raise
         if body.stream:
             return AdmittedStreamingResponse(
                 self._stream(prepared, request), ticket, media_type="text/event-stream", headers=prepared.headers()

@@ -36,6 +36,9 @@ class ServerSettings:
     max_queued_requests: int = 64  # waiting for admission; beyond: 429
     max_queue_wait_s: float = 30.0  # waited this long without admission: 503
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight requests may finish before the server stops
+    # -- per-client rate limits (server/rate_limits.py), per API key (or address without keys); None: off
+    rate_limit_requests_per_minute: int | None = None
+    rate_limit_tokens_per_minute: int | None = None  # tokens = samples x max_tokens, the admission cost
 
     def __post_init__(self) -> None:
         if self.max_samples_per_request < 1:
@@ -46,5 +49,8 @@ class ServerSettings:
             raise ValueError(f"trace_content must be one of {TRACE_CONTENT_MODES}, got {self.trace_content!r}")
         if self.max_inflight_cost < 1 or self.max_queued_requests < 0 or self.max_queue_wait_s <= 0:
             raise ValueError("max_inflight_cost must be >= 1, max_queued_requests >= 0, max_queue_wait_s > 0")
+        for limit in (self.rate_limit_requests_per_minute, self.rate_limit_tokens_per_minute):
+            if limit is not None and limit < 1:
+                raise ValueError(f"a rate limit must be at least 1 per minute (or None: off), got {limit}")
         if any(not key for key in self.api_keys):
             raise ValueError("an API key must not be empty")

@@ -154,8 +154,9 @@ def burst(client: TestClient, count: int, body: dict[str, Any]) -> list[Any]:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_burst_over_capacity_is_shed_with_429_and_the_rest_served(tmp_path, stream):
-    # Budget for one request at a time, one waiting: of 6 at once, 2 are served, 4 refused.
-    engine = ScriptedEngine(["The answer is 42."], delay_s=0.3)
+    # Budget for one request at a time, one waiting: of 6 at once, 2 are served, 4 refused. Each takes 1 s, so
+    # the burst has all arrived before the first ends, even on a loaded machine.
+    engine = ScriptedEngine(["The answer is 42."], delay_s=1.0)
     with serve(tmp_path, engine, max_inflight_cost=10, max_queued_requests=1, max_queue_wait_s=10) as client:
         responses = burst(client, 6, CHAT | {"stream": stream})
         statuses = sorted(r.status_code for r in responses)
