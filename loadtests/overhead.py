@@ -137,8 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--port", type=int, default=18850)
     parser.add_argument("--out", type=Path, default=Path("runs/overhead"))
+    parser.add_argument("--report-only", action="store_true", help="re-print the table and plot of <out>")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        report([Row(**r) for r in json.loads((args.out / "overhead.json").read_text())], args.out)
+        return 0
     model = model_dir()
     rows: list[Row] = []
     for run, target in enumerate(args.targets.split(",")):
@@ -151,8 +155,60 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row_of(target, run, concurrency, samples, wall))
                     print(json.dumps(asdict(rows[-1])), flush=True)
     (args.out / "overhead.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
-    print(markdown(rows))
+    report(rows, args.out)
     return 0
+
+
+def report(rows: list[Row], out: Path) -> None:
+    print(markdown(rows))
+    print()
+    print(ratios(rows))
+    plot(rows, out / "overhead.png")
+    print(f"\nplot: {out / 'overhead.png'}")
+
+
+def ratios(rows: list[Row]) -> str:
+    """Ponder / vLLM per concurrency, each side the mean over its runs, and each side's own spread (max/min of
+    its runs): a ratio inside the spread is not a difference."""
+    lines = [
+        "| c | e2e p50 ponder/vllm | output tok/s ponder/vllm | ponder run spread | vllm run spread |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for c in sorted({r.concurrency for r in rows}):
+        side = {t: [r for r in rows if r.concurrency == c and r.target == t] for t in ("ponder", "vllm")}
+        if not side["ponder"] or not side["vllm"]:
+            continue
+        e2e = {t: statistics.fmean(r.e2e_p50_s for r in rs) for t, rs in side.items()}
+        tps = {t: statistics.fmean(r.output_tokens_per_s for r in rs) for t, rs in side.items()}
+        spread = {t: max(r.e2e_p50_s for r in rs) / min(r.e2e_p50_s for r in rs) for t, rs in side.items()}
+        lines.append(
+            f"| {c} | {e2e['ponder'] / e2e['vllm']:.3f} | {tps['ponder'] / tps['vllm']:.3f} "
+            f"| {spread['ponder']:.3f} | {spread['vllm']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = sorted({r.concurrency for r in rows})
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.5 * len(levels), 4), squeeze=False)
+    for axis, c in zip(axes[0], levels):
+        for target, colour in (("ponder", "tab:blue"), ("vllm", "tab:orange")):
+            runs = [r for r in rows if r.concurrency == c and r.target == target]
+            axis.scatter([r.run for r in runs], [r.e2e_p50_s for r in runs], color=colour, label=target, s=40)
+        axis.set_title(f"single, c={c}: e2e p50 per run")
+        axis.set_xlabel("run (servers in the order they ran)")
+        axis.set_ylabel("seconds")
+        axis.set_ylim(bottom=0)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def markdown(rows: list[Row]) -> str:

@@ -33,6 +33,10 @@ NO_EOS = {"0": -100, "2": -100}  # generation runs to max_tokens
 ADMISSION_ARGS = ["--max-inflight-cost", "4096", "--max-queued-requests", "2", "--max-queue-wait", "60"]
 
 
+# Generous: the module's bursts (26 requests at most at once) stay inside it; the headers show the key's bucket.
+RATE_LIMIT_ARGS = ["--rate-limit-rpm", "120"]
+
+
 def start_server(tmp_path: Path, *extra: str) -> RemoteOpenAIServer:
     remote = RemoteOpenAIServer(
         [*SERVER_ARGS, "--api-key", KEY, *extra], trace_dir=tmp_path / "traces", log_path=tmp_path / "server.log"
@@ -48,7 +52,9 @@ def start_server(tmp_path: Path, *extra: str) -> RemoteOpenAIServer:
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteOpenAIServer]:
     """The server the SIGTERM test ends; other tests of this module run before it."""
-    remote = start_server(tmp_path_factory.mktemp("guarded"), *ADMISSION_ARGS, "--drain-timeout", "60")
+    remote = start_server(
+        tmp_path_factory.mktemp("guarded"), *ADMISSION_ARGS, *RATE_LIMIT_ARGS, "--drain-timeout", "60"
+    )
     try:
         yield remote
     finally:
@@ -107,6 +113,17 @@ def test_every_route_but_health_and_metrics_needs_the_key(guarded):
         model = client.models.list().data[0].id
         assert client.chat.completions.create(model=model, messages=HELLO, max_tokens=4).choices
     assert KEY not in guarded.log_path.read_text(errors="replace")  # the key is never logged
+
+
+def test_responses_carry_the_keys_rate_limit(guarded):
+    with keyed_client(guarded) as client:
+        model = client.models.list().data[0].id
+        remaining = []
+        for _ in range(2):
+            raw = client.chat.completions.with_raw_response.create(model=model, messages=HELLO, max_tokens=1)
+            assert raw.headers["x-ratelimit-limit-requests"] == "120"
+            remaining.append(int(raw.headers["x-ratelimit-remaining-requests"]))
+    assert remaining[0] < 120 and remaining[1] < remaining[0]  # each request takes one; refill is 2 a second
 
 
 # ---------------------------------------------------------------------------------------------- overload
