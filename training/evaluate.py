@@ -49,12 +49,15 @@ class StrategySpec:
     """A strategy to evaluate: the server-side name, its options and a label.
 
     Parsed from ``name[:key=value,...]``; the reserved option ``label=...``
-    renames the strategy in reports (the default label is the spec text).
+    renames the strategy in reports (the default label is the spec text), and
+    ``deadline=S`` gives each request S seconds, after which the server answers
+    with the best answer so far (``X-Deadline``, ``X-On-Deadline: best_so_far``).
     """
 
     label: str
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+    deadline_s: float | None = None
 
 
 @dataclass
@@ -134,6 +137,7 @@ class ItemResult:
     served_strategy: str | None = None
     started_s: float = 0.0
     completion: str | None = None
+    deadline_exceeded: bool = False  # answered with the best so far when its deadline passed
 
 
 def parse_strategy_spec(text: str) -> StrategySpec:
@@ -144,6 +148,7 @@ def parse_strategy_spec(text: str) -> StrategySpec:
     if not re.fullmatch(r"[A-Za-z_][\w-]*", name):
         raise ValueError(f"strategy spec {text!r} must start with a strategy name")
     label = spec_text
+    deadline_s: float | None = None
     options: dict[str, Any] = {}
     for item in (part.strip() for part in options_text.split(",")):
         if not item:
@@ -155,9 +160,13 @@ def parse_strategy_spec(text: str) -> StrategySpec:
             raise ValueError(f"option {key!r} repeated in strategy spec {text!r}")
         if key == "label":
             label = value
+        elif key == "deadline":
+            deadline_s = float(value)
+            if not deadline_s > 0:
+                raise ValueError(f"deadline of strategy spec {text!r} must be a positive number of seconds")
         else:
             options[key] = parse_option_value(value)
-    return StrategySpec(label=label, name=name, options=options)
+    return StrategySpec(label=label, name=name, options=options, deadline_s=deadline_s)
 
 
 def parse_strategy_specs(texts: Sequence[str]) -> list[StrategySpec]:
@@ -188,6 +197,8 @@ def strategy_headers(spec: StrategySpec) -> dict[str, str]:
     headers = {"X-Strategy": spec.name}
     if spec.options:
         headers["X-Strategy-Options"] = json.dumps(spec.options, separators=(",", ":"))
+    if spec.deadline_s is not None:
+        headers |= {"X-Deadline": str(spec.deadline_s), "X-On-Deadline": "best_so_far"}
     return headers
 
 
@@ -246,6 +257,7 @@ def _summarize_strategy(label: str, items: list[ItemResult]) -> dict[str, Any]:
         "p50_latency_s": percentile(latencies, 50),
         "p95_latency_s": percentile(latencies, 95),
         "errors": len(items) - len(succeeded),
+        "deadline_exceeded": sum(item.deadline_exceeded for item in items),
         "wall_clock_s": max(item.started_s + item.latency_s for item in items) - min(item.started_s for item in items),
     }
 
@@ -351,6 +363,7 @@ async def evaluate_item(
         served_strategy=raw.headers.get("X-Strategy"),
         started_s=started - run_start,
         completion=text,
+        deadline_exceeded="X-Deadline-Exceeded" in raw.headers,
     )
 
 
@@ -475,7 +488,8 @@ def summary_table(summary: list[dict[str, Any]]) -> Table:
     table = Table(
         title="Ponder evaluation",
         caption="gen tokens: mean generated per request, all samples; "
-        "latencies over successful requests; wall: first start to last finish",
+        "latencies over successful requests; cut: answered with the best so far at the deadline; "
+        "wall: first start to last finish",
     )
     # Numbers never wrap; a long strategy label folds instead.
     table.add_column("strategy", overflow="fold")
@@ -486,6 +500,7 @@ def summary_table(summary: list[dict[str, Any]]) -> Table:
         "p50 lat",
         "p95 lat",
         "errors",
+        "cut",
         "wall",
     ):
         table.add_column(column, justify="right", no_wrap=True)
@@ -498,6 +513,7 @@ def summary_table(summary: list[dict[str, Any]]) -> Table:
             _format_optional(row["p50_latency_s"], "{:.2f}s"),
             _format_optional(row["p95_latency_s"], "{:.2f}s"),
             str(row["errors"]),
+            str(row.get("deadline_exceeded", 0)),
             f"{row['wall_clock_s']:.1f}s",
         )
     return table

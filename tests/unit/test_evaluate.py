@@ -88,13 +88,19 @@ FAIL_QUESTION = "What is FAIL?"
             ),
         ),
         ("best_of_n:", StrategySpec(label="best_of_n:", name="best_of_n", options={})),
+        (
+            "self_consistency:n=8,deadline=1.5,label=sc8@1.5s",
+            StrategySpec(label="sc8@1.5s", name="self_consistency", options={"n": 8}, deadline_s=1.5),
+        ),
     ],
 )
 def test_parse_strategy_spec(text: str, expected: StrategySpec) -> None:
     assert parse_strategy_spec(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", ":n=3", "best_of_n:n", "best_of_n:=3", "best_of_n:n=1,n=2"])
+@pytest.mark.parametrize(
+    "text", ["", ":n=3", "best_of_n:n", "best_of_n:=3", "best_of_n:n=1,n=2", "single:deadline=0", "single:deadline=x"]
+)
 def test_parse_strategy_spec_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_strategy_spec(text)
@@ -126,6 +132,13 @@ def test_strategy_headers_and_temperature() -> None:
     }
     assert temperature_for(single, config) == 0.0
     assert temperature_for(best, config) == 0.7
+    timed = parse_strategy_spec("self_consistency:n=4,deadline=2")
+    assert strategy_headers(timed) == {
+        "X-Strategy": "self_consistency",
+        "X-Strategy-Options": '{"n":4}',
+        "X-Deadline": "2.0",
+        "X-On-Deadline": "best_so_far",
+    }
 
 
 def test_generated_tokens_prefers_the_header() -> None:
@@ -195,6 +208,7 @@ def test_summarize_per_strategy() -> None:
         "p50_latency_s": pytest.approx(2.5),
         "p95_latency_s": pytest.approx(3.85),
         "errors": 0,
+        "deadline_exceeded": 0,
         "wall_clock_s": pytest.approx(5.5),
     }
     assert bon["strategy"] == "bon"
