@@ -40,6 +40,7 @@ from verifiers.reference import reference_scores
 logger = logging.getLogger(__name__)
 
 HEARTBEAT = ": heartbeat\n\n"
+HEARTBEAT_DUE = object()  # on a stream's queue: nothing went out for a heartbeat interval
 T = TypeVar("T")
 
 
@@ -213,6 +214,32 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     if task.cancelled():
         raise ClientDisconnected
     return task.result()
+
+
+class HeartbeatTimer:
+    """Puts HEARTBEAT_DUE on a stream's queue whenever `interval_s` pass with nothing else put on it.
+
+    One timer per stream rather than a timeout on every `queue.get()`: `asyncio.wait_for` wraps each get in a
+    task of its own, extra event-loop turns on every streamed token."""
+
+    def __init__(self, queue: asyncio.Queue, interval_s: float) -> None:
+        self.queue, self.interval_s = queue, interval_s
+        self.loop = asyncio.get_running_loop()
+        self.last = self.loop.time()
+        self.handle = self.loop.call_later(interval_s, self._fire)
+
+    def touch(self) -> None:
+        self.last = self.loop.time()
+
+    def _fire(self) -> None:
+        now = self.loop.time()
+        if now - self.last >= self.interval_s:
+            self.queue.put_nowait(HEARTBEAT_DUE)
+            self.last = now
+        self.handle = self.loop.call_later(self.last + self.interval_s - now, self._fire)
+
+    def cancel(self) -> None:
+        self.handle.cancel()
 
 
 class AdmittedStreamingResponse(StreamingResponse):
@@ -514,10 +541,12 @@ class CompletionService:
                 payload["usage"] = usage
             return sse(payload)
 
-        queue: asyncio.Queue[GenerationDelta | None] = asyncio.Queue()
+        queue: asyncio.Queue[GenerationDelta | object | None] = asyncio.Queue()
+        heartbeats = HeartbeatTimer(queue, self.settings.heartbeat_interval_s)
 
         async def on_delta(delta: GenerationDelta) -> None:
-            await queue.put(delta)
+            heartbeats.touch()
+            queue.put_nowait(delta)
 
         prepared.context.on_delta = on_delta
         self.metrics.in_flight.labels(name).inc()
@@ -530,13 +559,13 @@ class CompletionService:
             if shape is CHAT:
                 yield chunk([shape.chunk_choice(i, "", None, role=True) for i in range(n_choices)])
             while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), timeout=self.settings.heartbeat_interval_s)
-                except TimeoutError:
+                item = await queue.get()
+                if item is HEARTBEAT_DUE:
                     yield HEARTBEAT  # an SSE comment: keeps proxies from closing a quiet connection
                     continue
                 if item is None:
                     break
+                assert isinstance(item, GenerationDelta)
                 reason = finish_reason_for_client(item.finish_reason) if item.finish_reason else None
                 if reason:
                     finished.add(item.index)
@@ -569,6 +598,7 @@ class CompletionService:
         finally:
             # Nothing here may await: when the client disconnects, Starlette cancels this generator's scope, and
             # an await in `finally` would be cancelled too, losing the bookkeeping below.
+            heartbeats.cancel()
             self.metrics.in_flight.labels(name).dec()
             if task.done():
                 self._finish(prepared, result if status == "ok" else None, status, error_message)
