@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from fastapi import Request
 from fastapi.testclient import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 
 from server.app import create_app
 from server.cli import add_ponder_args, settings_from
@@ -28,6 +27,7 @@ from server.security import key_label
 from server.settings import ServerSettings
 from server.trace_journal import read_records
 from tests.fakes import CharRenderer, ScriptedEngine
+from tests.unit.test_admission import metric
 
 MODEL = "toy"
 KEY_A, KEY_B = "sk-ponder-key-a-0000000001", "sk-ponder-key-b-0000000002"
@@ -213,14 +213,6 @@ def serve(tmp_path: Path, engine: ScriptedEngine | None = None, **settings: Any)
         create_app(config, lambda: engine or ScriptedEngine(["The answer is 42."]), CharRenderer)
     ) as client:
         yield client
-
-
-def metric(client: TestClient, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(client.get("/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 def assert_rate_limited(response, limit: str) -> None:
