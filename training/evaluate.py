@@ -421,48 +421,62 @@ def write_report(config: EvalConfig, results: list[ItemResult], summary: list[di
         "items": [asdict(result) for result in results],
     }
     json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    plot_accuracy_vs_tokens(summary, plot_path, title=_task_set_name(config))
+    plot_accuracy_vs_compute(summary, plot_path, title=_task_set_name(config))
     return json_path, plot_path
 
 
-def plot_accuracy_vs_tokens(summary: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Accuracy against mean generated tokens per request, one labelled point per strategy.
+def plot_accuracy_vs_compute(summary: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Accuracy against mean generated tokens per request (left) and against p50 latency, with a line out to
+    p95 (right): one labelled point per strategy. Tokens are what a strategy costs the engine; latency is what
+    a client waits, and what a deadline (``deadline=S`` in a spec) bounds.
 
     Uses the Agg canvas directly (no pyplot) so it works headless and leaves
-    global matplotlib state alone. The x axis turns logarithmic when compute
-    spans more than a factor of ten, as it does from single to best-of-16.
+    global matplotlib state alone. An x axis turns logarithmic when it spans
+    more than a factor of ten, as compute does from single to best-of-16.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(12, 5), dpi=120)
+    FigureCanvasAgg(figure)
+    by_tokens, by_latency = figure.subplots(1, 2, sharey=True)
+    points = [row for row in summary if row["mean_generated_tokens"] is not None]
+    _labelled_scatter(by_tokens, points, "mean_generated_tokens")
+    by_tokens.set_xlabel("mean generated tokens per request (all samples)")
+    by_tokens.set_ylabel("accuracy")
+    by_tokens.set_title(f"Accuracy vs test-time compute — {title}")
+    timed = [row for row in points if row["p50_latency_s"] is not None]
+    colours = _labelled_scatter(by_latency, timed, "p50_latency_s")
+    for row, colour in zip(timed, colours):
+        by_latency.plot([row["p50_latency_s"], row["p95_latency_s"]], [row["accuracy"]] * 2, color=colour, alpha=0.5)
+    by_latency.set_xlabel("latency per request, p50 (dot) to p95 (line end), s")
+    by_latency.set_title("Accuracy vs latency")
+    for axes in (by_tokens, by_latency):
+        axes.set_ylim(-0.02, 1.05)
+        axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def _labelled_scatter(axes: Any, points: list[dict[str, Any]], x_key: str) -> list[Any]:
+    """One labelled dot per row; returns each dot's colour."""
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
-    figure = Figure(figsize=(7, 5), dpi=120)
-    FigureCanvasAgg(figure)
-    axes = figure.subplots()
-    points = [row for row in summary if row["mean_generated_tokens"] is not None]
+    colours = []
     for row in points:
-        axes.scatter(row["mean_generated_tokens"], row["accuracy"], s=50)
+        dot = axes.scatter(row[x_key], row["accuracy"], s=50)
+        colours.append(dot.get_facecolor()[0])
         axes.annotate(
-            row["strategy"],
-            (row["mean_generated_tokens"], row["accuracy"]),
-            textcoords="offset points",
-            xytext=(6, 6),
-            fontsize=9,
+            row["strategy"], (row[x_key], row["accuracy"]), textcoords="offset points", xytext=(6, 6), fontsize=9
         )
-    tokens = [row["mean_generated_tokens"] for row in points]
-    if tokens and min(tokens) > 0 and max(tokens) / min(tokens) > 10:
+    xs = [row[x_key] for row in points]
+    if xs and min(xs) > 0 and max(xs) / min(xs) > 10:
         axes.set_xscale("log")
         # Plain numbers at 1-2-5 steps: matplotlib's default 2x10^2-style minor labels collide on a short axis.
         axes.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         axes.xaxis.set_major_formatter(ScalarFormatter())
         axes.xaxis.set_minor_formatter(NullFormatter())
-    axes.set_ylim(-0.02, 1.05)
-    axes.set_xlabel("mean generated tokens per request (all samples)")
-    axes.set_ylabel("accuracy")
-    axes.set_title(f"Accuracy vs test-time compute — {title}")
-    axes.grid(True, alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
+    return colours
 
 
 def _task_set_name(config: EvalConfig) -> str:
