@@ -66,6 +66,9 @@ class SamplingOptions:
     logit_bias: tuple[tuple[int, float], ...] = ()
     # Log-probs of these ids at every generated position (introspection heads, yes/no judges).
     logprob_token_ids: tuple[int, ...] = ()
+    # The sampled tokens' own log-probs (Generation.cumulative_logprob). Off where nothing reads them (`single`):
+    # vLLM's frontend then skips a log-prob entry, with its decoded text, per generated token.
+    logprobs: bool = True
 
     def replace(self, **changes: object) -> SamplingOptions:
         from dataclasses import replace

@@ -197,8 +197,9 @@ def completion_body(
     extra: dict[str, Any] = {}
     if kind == "vllm":
         body["prompt"] = list(prompt_ids)
-        # The sampled token's log-prob always; vLLM wants `logprobs` set when ids are tracked.
-        body["logprobs"] = len(options.logprob_token_ids)
+        # The sampled token's log-prob unless the caller reads none; vLLM wants `logprobs` set when ids are tracked.
+        if options.logprob_token_ids or options.logprobs:
+            body["logprobs"] = len(options.logprob_token_ids)
         extra |= {
             "top_k": options.top_k if options.top_k > 0 else -1,
             "min_p": options.min_p,
@@ -215,7 +216,8 @@ def completion_body(
         if decode is None:
             raise ValueError("a plain OpenAI upstream takes text: pass `decode`")
         body["prompt"] = decode(prompt_ids)
-        body["logprobs"] = 1
+        if options.logprobs:
+            body["logprobs"] = 1
         # vLLM's own knobs, only where the request changed them: a plain upstream may reject unknown fields.
         if options.top_k > 0:
             extra["top_k"] = options.top_k

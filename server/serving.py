@@ -431,6 +431,7 @@ class CompletionService:
             # With heads, every sample carries their joint at every token (same forward pass, no extra cost):
             # the introspection verifier, the adaptive strategy and the trace read it.
             logprob_token_ids=self.engine.introspection.token_ids if self.engine.introspection else (),
+            logprobs=choice.strategy.reads_logprobs,
         )
         trace_id = new_trace_id()
         request_id = request.headers.get("x-request-id") or trace_id
@@ -683,7 +684,7 @@ def trace_record(
                     "num_tokens": c.generation.num_tokens,
                     "token_ids": list(c.generation.token_ids),
                     "finish_reason": c.generation.finish_reason,
-                    "cumulative_logprob": c.generation.cumulative_logprob,
+                    "cumulative_logprob": c.generation.cumulative_logprob if ctx.sampling.logprobs else None,
                     "answer": c.answer if c.answer is not None else extract_answer(c.text),
                     "scores": scores,
                 }

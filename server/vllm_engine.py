@@ -53,11 +53,18 @@ def to_sampling_params(
         include_stop_str_in_output=options.include_stop_str_in_output,
         logit_bias=logit_bias or None,
         logprob_token_ids=list(options.logprob_token_ids) or None,
-        # The sampled token's log-prob is always returned (enough for cumulative_logprob); vLLM wants
-        # `logprobs` to equal the number of tracked ids when there are some.
-        logprobs=len(options.logprob_token_ids),
+        # logprobs=0: the sampled token's log-prob only (enough for cumulative_logprob); vLLM wants `logprobs`
+        # to equal the number of tracked ids when there are some.
+        logprobs=sampled_logprobs(options),
         output_kind=output_kind,
     )
+
+
+def sampled_logprobs(options: SamplingOptions) -> int | None:
+    """vLLM's `logprobs`: the number of tracked ids, 0 for the sampled token's alone, None for none at all."""
+    if options.logprob_token_ids:
+        return len(options.logprob_token_ids)
+    return 0 if options.logprobs else None
 
 
 def to_generation(output: CompletionOutput, tracked_ids: Sequence[int]) -> Generation:

@@ -273,6 +273,9 @@ class Strategy(ABC):
     returns_every_sample: ClassVar[bool] = False
     # Engine capabilities it relies on (server.engine: TOKEN_IDS, TRACKED_LOGPROBS); without them a request is a 400.
     requires: ClassVar[frozenset[str]] = frozenset()
+    # Whether it (or a verifier it may call) reads the samples' cumulative_logprob; if not, the engine is not
+    # asked for log-probs at all (SamplingOptions.logprobs).
+    reads_logprobs: ClassVar[bool] = True
 
     @abstractmethod
     async def run(self, ctx: StrategyContext, prompt: Prompt, options: StrategyOptions) -> Result: ...

@@ -13,6 +13,7 @@ class Single(Strategy):
     name = "single"
     description = "one generation per requested choice, streamed token by token"
     returns_every_sample = True
+    reads_logprobs = False  # nothing is chosen, so nothing is scored
 
     async def run(self, ctx: StrategyContext, prompt: Prompt, options: StrategyOptions) -> Result:
         n = ctx.budget.max_samples

@@ -1010,6 +1010,17 @@ def test_the_trace_records_every_candidate_and_the_chosen_one(client):
     assert trace["sampling"]["n"] == 1
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_log_probs_are_asked_of_the_engine_only_where_read(tmp_path, stream):
+    with serve(tmp_path) as client:
+        single = client.post("/v1/chat/completions", json=CHAT | {"stream": stream})
+        voted = chat(client, strategy={"name": "self_consistency", "n": 2})
+        calls = client.engine.calls
+        assert [c.options.logprobs for c in calls] == [False, True]  # single reads none; the vote's tie-break does
+        assert trace_of(client, single)["candidates"][0]["cumulative_logprob"] is None
+        assert all(isinstance(c["cumulative_logprob"], float) for c in trace_of(client, voted)["candidates"])
+
+
 def test_the_trace_of_a_completion_records_its_prompt(client):
     response = client.post("/v1/completions", json=COMPLETION)
     trace = trace_of(client, response)

@@ -277,3 +277,8 @@ def test_head_rows_are_masked_over_any_requested_bias_and_still_read():
     assert params.logprob_token_ids == [100, 101, 102, 103] and params.logprobs == 4
     plain = to_sampling_params(SamplingOptions(max_tokens=8), 1, RequestOutputKind.DELTA)
     assert plain.logit_bias is None and not plain.logprob_token_ids
+    assert plain.logprobs == 0  # the sampled token's log-prob: cumulative_logprob
+    unread = to_sampling_params(SamplingOptions(max_tokens=8, logprobs=False), 1, RequestOutputKind.DELTA)
+    assert unread.logprobs is None  # nothing reads them: vLLM computes none
+    tracked = SamplingOptions(max_tokens=8, logprob_token_ids=heads.token_ids, logprobs=False)
+    assert to_sampling_params(tracked, 1, RequestOutputKind.DELTA).logprobs == 4  # tracked ids are always read

@@ -186,6 +186,14 @@ def test_a_plain_body_sends_text_and_only_the_changed_extras():
     assert body["prompt"] == "hi" and "extra_body" not in body
 
 
+@pytest.mark.parametrize("kind", ["vllm", "openai"])
+def test_log_probs_nobody_reads_are_not_asked_for(kind):
+    unread = OPTIONS.replace(logprobs=False)
+    body = completion_body([104, 105], unread, 1, model=MODEL, kind=kind, decode=RENDERER.decode)
+    assert "logprobs" not in body
+    assert "logprobs" in completion_body([104, 105], OPTIONS, 1, model=MODEL, kind=kind, decode=RENDERER.decode)
+
+
 def test_the_model_card_tells_vllm_from_a_plain_upstream():
     assert read_model_card({"data": [{"id": "m", "max_model_len": 1024}]}).kind == "vllm"
     info = read_model_card({"data": [{"id": "a"}, {"id": "b"}]}, wanted="b")
