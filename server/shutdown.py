@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from types import FrameType
@@ -25,6 +26,14 @@ import uvicorn
 logger = logging.getLogger(__name__)
 
 CHILD_GRACE_S = 10.0  # EngineCore gets this long to exit on SIGTERM before SIGKILL
+
+
+def freeze_startup_heap() -> None:
+    """Put everything alive once the server has started (torch, transformers, vLLM, the tokenizer: ~600k
+    objects) out of the garbage collector's reach, as vLLM's own server does. Otherwise every full collection
+    walks them all: a pause of a few hundred milliseconds here, in the middle of whatever is streaming."""
+    gc.collect()
+    gc.freeze()
 
 
 class DrainingServer(uvicorn.Server):
@@ -38,6 +47,10 @@ class DrainingServer(uvicorn.Server):
     async def serve(self, sockets=None) -> None:
         self.loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)  # the app's lifespan has started the engine
+        freeze_startup_heap()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         """Runs in the main thread between bytecodes (uvicorn installs it with `signal.signal`)."""

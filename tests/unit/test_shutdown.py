@@ -137,3 +137,16 @@ print(json.dumps({"killed": killed}))
 """
     )
     assert outcome["killed"] == []
+
+
+def test_the_startup_heap_is_frozen_out_of_the_collectors_reach():
+    import gc
+
+    from server.shutdown import freeze_startup_heap
+
+    alive = [object() for _ in range(10)]
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() >= len(alive)
+    finally:
+        gc.unfreeze()  # this test process goes on collecting as before
