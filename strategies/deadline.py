@@ -11,7 +11,8 @@ the server builds a result from what the strategy has:
    - otherwise the finished answers vote, as in self-consistency, with ties going to the strategy's score, then
      the mean log-prob; with none finished, the longest cut one is returned.
 
-With nothing drawn yet, or with `on_deadline: "error"` (the default), the request is a 504 `deadline_exceeded`.
+With nothing drawn yet (no answer has a token), or with `on_deadline: "error"` (the default), the request is a 504
+`deadline_exceeded`.
 The result says what happened in `details["deadline"]`, which the trace keeps and the server turns into the
 `X-Deadline-Exceeded` header. An answer the deadline cut reaches the client with finish_reason "length".
 """
@@ -62,7 +63,7 @@ def strategy_snapshot(ctx: StrategyContext) -> Result | None:
 
 
 def result_from_answers(answers: Sequence[AnswerSoFar], returns_every_sample: bool) -> Result | None:
-    if not answers:
+    if not any(a.generation.num_tokens for a in answers):  # cut before their first token: nothing to return
         return None
     if returns_every_sample:
         by_index = {a.index: a for a in answers}  # one call: one answer per index

@@ -10,7 +10,13 @@ import pytest
 pytestmark = pytest.mark.integration
 
 STORY = [{"role": "user", "content": "Write a very long story about a dragon who learns to count."}]
-DEADLINE_S = 0.8
+DEADLINE_S = 1.5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def warm_engine(client, model_name) -> None:
+    """A first request pays for the engine's warm-up; the deadlines below should cut generation, not start-up."""
+    client.chat.completions.create(model=model_name, messages=STORY, max_tokens=8, temperature=0)
 
 
 def engine_idle(metrics) -> bool:
@@ -36,7 +42,7 @@ def test_best_of_n_past_its_deadline_answers_with_the_best_so_far(client, model_
     assert raw.headers["X-Deadline-Exceeded"] == "best_so_far"
     assert elapsed < DEADLINE_S + 5, f"answered {elapsed:.1f} s after a {DEADLINE_S} s deadline"
     (choice,) = completion.choices
-    assert choice.message.content and choice.finish_reason == "length"  # 500 tokens do not fit in 0.8 s
+    assert choice.message.content and choice.finish_reason == "length"  # 500 tokens do not fit in 1.5 s
     trace = trace_of(raw.headers["X-Trace-Id"])
     assert trace["status"] == "ok"
     assert trace["details"]["deadline"] | {"answers_so_far": 4} == {

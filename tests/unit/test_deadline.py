@@ -63,6 +63,9 @@ def test_a_strategy_returning_every_sample_returns_them_all_in_index_order():
     assert result is not None
     assert [c.text for c in result.candidates] == ["a", "b"] and result.chosen == (0, 1)
     assert result_from_answers([], returns_every_sample=False) is None
+    cut_at_once = [answer("", "abort", index=0), answer("", "abort", index=1)]  # no token before the deadline
+    assert result_from_answers(cut_at_once, returns_every_sample=True) is None
+    assert result_from_answers(cut_at_once, returns_every_sample=False) is None
 
 
 def test_the_deadline_comes_from_the_header_then_the_body_capped_by_the_server():
