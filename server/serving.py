@@ -450,6 +450,7 @@ class CompletionService:
             request_id=trace_id,
             render_chat=self.renderer.chat_ids,
             encode=self.renderer.encode,
+            keeps_answers=deadline is not None and on_deadline == "best_so_far",
         )
         return PreparedRequest(
             shape, body, prompt, choice, context, trace_id, request_id, self.engine.model_name, on_deadline

@@ -129,8 +129,10 @@ class StrategyContext:
     on_delta: DeltaSink | None = None  # set when the client asked for a stream
     calls: list[EngineCall] = field(default_factory=list)
     samples_drawn: int = 0
-    # For a deadline: whole answers drawn so far, and the strategy's own way to build its result from what it
-    # has (search trees, adaptive paths); see strategies/deadline.py.
+    # For a deadline: whole answers drawn so far (kept only if the request wants the best so far: building them
+    # costs a pass over every sample's tokens), and the strategy's own way to build its result from what it has
+    # (search trees, adaptive paths); see strategies/deadline.py.
+    keeps_answers: bool = False
     answers_so_far: list[AnswerSoFar] = field(default_factory=list)
     snapshot: Callable[[], Result] | None = None
     _call_counter: int = 0
@@ -192,7 +194,7 @@ class StrategyContext:
                     n,
                     self.next_request_id(kind),
                     on_tokens=count,
-                    on_sample=self.offer_answer if answers else None,
+                    on_sample=self.offer_answer if answers and self.keeps_answers else None,
                 ),
                 self.budget,
             )
@@ -224,9 +226,10 @@ class StrategyContext:
                             finish[delta.index] = delta.finish_reason
                         await self.on_delta(delta)
         except TimeoutError as exc:
-            for i in range(n):  # what the client has seen of each sample: the answers so far
-                generation = Generation("".join(texts[i]), tuple(tokens[i]), finish[i], logprobs[i])
-                self.offer_answer(i, generation, streamed=True)
+            if self.keeps_answers:
+                for i in range(n):  # what the client has seen of each sample: the answers so far
+                    generation = Generation("".join(texts[i]), tuple(tokens[i]), finish[i], logprobs[i])
+                    self.offer_answer(i, generation, streamed=True)
             raise DeadlineExceeded("the request's deadline passed while streaming") from exc
         finally:
             generated = sum(len(t) for t in tokens)

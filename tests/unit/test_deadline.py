@@ -78,6 +78,25 @@ def test_the_deadline_comes_from_the_header_then_the_body_capped_by_the_server()
     assert resolve_deadline(None, None, no_deadline, 3.0) == (3.0, "error")
 
 
+@pytest.mark.parametrize("keeps_answers", [False, True])
+async def test_answers_are_kept_only_for_a_request_that_wants_the_best_so_far(keeps_answers):
+    from strategies.base import Budget, StrategyContext
+
+    ctx = StrategyContext(
+        engine=ScriptedEngine(["The answer is 42."]),
+        verifiers={},
+        budget=Budget(max_samples=3, max_tokens=32),
+        sampling=SamplingOptions(max_tokens=32),
+        request_id="r",
+        render_chat=RENDERER.chat_ids,
+        encode=RENDERER.encode,
+        keeps_answers=keeps_answers,
+    )
+    await ctx.sample((1, 2), 2, answers=True)
+    await ctx.sample((1, 2), 1, kind="judge")  # never an answer
+    assert len(ctx.answers_so_far) == (2 if keeps_answers else 0)
+
+
 # ---------------------------------------------------------------------------------------------- over HTTP
 def test_the_default_is_a_504_that_says_not_to_retry(tmp_path):
     with http_api.serve(tmp_path, ScriptedEngine(script=http_api.scripted, delay_s=2.0)) as client:
