@@ -92,6 +92,11 @@ class Generation:
         return len(self.token_ids)
 
     @property
+    def finished(self) -> bool:
+        """The engine ended it (a stop, or max_tokens), rather than a cancellation or deadline cutting it."""
+        return self.finish_reason in ("stop", "length")
+
+    @property
     def mean_logprob(self) -> float:
         return self.cumulative_logprob / max(1, self.num_tokens)
 

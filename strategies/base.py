@@ -106,7 +106,7 @@ class AnswerSoFar:
     @property
     def complete(self) -> bool:
         """The engine finished it (a stop, or max_tokens), rather than the deadline cutting it."""
-        return self.generation.finish_reason in ("stop", "length")
+        return self.generation.finished
 
 
 DeltaSink = Callable[[GenerationDelta], Awaitable[None]]

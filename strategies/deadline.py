@@ -46,7 +46,7 @@ def best_so_far(ctx: StrategyContext, returns_every_sample: bool) -> Result | No
         "exceeded": True,
         "returned": "best_so_far",
         "from": source,
-        "complete": all(g.finish_reason in ("stop", "length") for g in chosen),
+        "complete": all(g.finished for g in chosen),
         "answers_so_far": len(ctx.answers_so_far),
     }
     return dataclasses.replace(result, details={**result.details, "deadline": details})
